@@ -1,0 +1,238 @@
+"""Typed configuration: dataclasses loaded from YAML (`yaml.safe_load` only) with dotted overrides.
+
+    cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "data.batch_size=8"])
+
+Unknown keys and wrong types are errors that name the key. `to_dict(cfg)` is what gets saved next
+to every run, so a run can be reproduced from its own directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or an override is malformed."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/demo"  # folder with manifest.json written by modaseg-shard
+    batch_size: int = 4  # per process
+    eval_batch_size: int = 4
+    workers: int = 2  # DataLoader workers per process
+    prefetch_factor: int = 2
+    pin_memory: bool = True
+    shuffle_buffer: int = 256
+    crop_height: int = 384  # training size, divisible by 32
+    crop_width: int = 256
+    repeat_threshold: float = 0.0  # LVIS repeat-factor sampling threshold t; 0 = off
+    max_corrupt_samples: int = 100  # training stops with an error past this many skipped samples
+
+
+@dataclass
+class AugmentConfig:
+    scale_min: float = 0.75
+    scale_max: float = 1.25
+    hflip_p: float = 0.5
+    color_jitter_p: float = 0.5
+    blur_p: float = 0.0
+    noise_p: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "resnet34"
+    encoder_weights: str | None = None  # null, "imagenet" (needs network or a cache) or a local file
+    decoder_attention: Literal["scse"] | None = None
+    channels_last: bool = False
+    compile: bool = False
+    sync_batchnorm: bool = False
+
+
+@dataclass
+class LossConfig:
+    # Weights of the composite; 0 switches a component off.
+    ce: float = 0.0
+    focal: float = 1.0
+    dice: float = 1.0
+    lovasz: float = 1.0
+    focal_gamma: float = 2.0
+    focal_alpha: bool = True  # per-class alpha = the class weights below
+    ce_weighted: bool = False
+    # Class weights from the manifest's pixel counts.
+    class_weights: Literal["none", "inverse", "power", "effective_number"] = "power"
+    class_weight_power: float = 0.5  # "power": weight = freq ** -power (0.5 = inverse square root)
+    effective_beta: float = 0.9999
+    class_weight_max_ratio: float = 10.0  # clip so max / min weight <= this
+    dice_global: bool = False  # Dice from all-reduced intersections/cardinalities (global batch)
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    poly_power: float = 0.9
+    warmup_steps: int = 0  # optimizer updates
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # max global norm; 0 = off
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    epochs: int = 2
+    steps_per_epoch: int = 0  # batches per process per epoch; 0 = derived from the split size
+    val_every: int = 1  # epochs
+    checkpoint_every: int = 0  # optimizer updates; 0 = only at epoch ends
+    keep_last: int = 2
+    resume: str = "auto"  # "auto", "none" or a checkpoint directory
+    max_bad_steps: int = 5  # consecutive non-finite losses before stopping
+    log_every: int = 10  # batches
+    overlay_samples: int = 4  # validation overlays written to TensorBoard
+
+
+@dataclass
+class EvalConfig:
+    tta_flip: bool = False
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _check_value(key: str, hint: Any, value: Any) -> Any:
+    """Return `value` converted to `hint`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(hint))}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(key, arg, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} does not match {hint}")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _merge(obj: Any, values: dict, prefix: str = "") -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"unknown config key {key!r} (known: {', '.join(sorted(names))})")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{key}.")
+        else:
+            setattr(obj, name, _check_value(key, hints[name], value))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` strings; values are parsed as YAML scalars (3e-4, true, null)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not a YAML scalar: {e}") from e
+        tree: Any = value
+        for part in reversed(dotted.strip().split(".")):
+            tree = {part: tree}
+        _merge(cfg, tree)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        _merge(cfg, values)
+    apply_overrides(cfg, overrides or [])
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    d = cfg.data
+    for key, size in (("data.crop_height", d.crop_height), ("data.crop_width", d.crop_width)):
+        if size <= 0 or size % 32:
+            raise ConfigError(f"{key}: {size} must be a positive multiple of 32 (the U-Net downsamples 5x)")
+    for key in ("batch_size", "eval_batch_size"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"data.{key}: must be >= 1")
+    if cfg.optim.grad_accum < 1:
+        raise ConfigError("optim.grad_accum: must be >= 1")
+    if cfg.augment.scale_min <= 0 or cfg.augment.scale_min > cfg.augment.scale_max:
+        raise ConfigError("augment.scale_min/scale_max: need 0 < scale_min <= scale_max")
+    weights = (cfg.loss.ce, cfg.loss.focal, cfg.loss.dice, cfg.loss.lovasz)
+    if any(w < 0 for w in weights) or not any(weights):
+        raise ConfigError("loss: component weights (ce, focal, dice, lovasz) must be >= 0 and not all 0")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
