@@ -10,6 +10,10 @@ stamp=.venv/.modaseg-installed
 want=$(cat constraints.txt pyproject.toml | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$py" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+echo "setting up .venv (pinned by constraints.txt; about 2 minutes the first time)" >&2
+if ! .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]" >.venv/install.log 2>&1; then
+  tail -n 30 .venv/install.log >&2
+  echo "install failed: see .venv/install.log" >&2
+  exit 1
+fi
 echo "$want" > "$stamp"

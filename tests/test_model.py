@@ -1,0 +1,71 @@
+import pytest
+import segmentation_models_pytorch as smp
+import torch
+
+from modaseg.config import ModelConfig
+from modaseg.model import (
+    MEAN,
+    STD,
+    WeightsError,
+    build_model,
+    export_model,
+    load_for_inference,
+    pad_to_stride,
+    preprocess,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(encoder="resnet18", decoder_attention="scse"), 14).eval()
+
+
+def test_output_has_one_channel_per_class(model):
+    x = preprocess(torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8))
+    assert model(x).shape == (2, 14, 64, 96)
+
+
+def test_preprocess_normalises_with_imagenet_statistics():
+    img = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    x = preprocess(img)
+    expected = [(1.0 - m) / s for m, s in zip(MEAN, STD, strict=True)]
+    assert torch.allclose(x[0, :, 0, 0], torch.tensor(expected))
+
+
+def test_pad_to_stride_pads_bottom_right_only():
+    mask = torch.zeros((1, 600, 400), dtype=torch.long)
+    padded = pad_to_stride(mask, 255)
+    assert padded.shape == (1, 608, 416)
+    assert (padded[:, :600, :400] == 0).all() and (padded[:, 600:] == 255).all() and (padded[:, :, 400:] == 255).all()
+
+
+def test_imagenet_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match="model.encoder_weights=imagenet"):
+        build_model(ModelConfig(encoder="resnet18", encoder_weights="imagenet"), 14)
+
+
+def test_local_encoder_weights_are_loaded(tmp_path, model):
+    torch.save(model.encoder.state_dict(), tmp_path / "encoder.pth")
+    torch.save(model.state_dict(), tmp_path / "unet.pth")
+    for name in ("encoder.pth", "unet.pth"):
+        other = build_model(ModelConfig(encoder="resnet18", encoder_weights=str(tmp_path / name)), 14)
+        assert torch.equal(other.encoder.layer4[0].conv1.weight, model.encoder.layer4[0].conv1.weight)
+    with pytest.raises(WeightsError, match="no such file"):
+        build_model(ModelConfig(encoder="resnet18", encoder_weights=str(tmp_path / "missing.pth")), 14)
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(WeightsError, match="encoder weights missing"):
+        build_model(ModelConfig(encoder="resnet18", encoder_weights=str(tmp_path / "wrong.pth")), 14)
+
+
+def test_export_loads_without_modaseg_and_gives_the_same_logits(tmp_path, model):
+    names = [f"c{i}" for i in range(14)]
+    export_model(model, tmp_path / "best", names)
+    x = preprocess(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8))
+    plain = smp.from_pretrained(str(tmp_path / "best")).eval()  # what a user without modaseg does
+    loaded, loaded_names = load_for_inference(tmp_path / "best")
+    with torch.no_grad():
+        assert torch.allclose(plain(x), model(x), atol=1e-6)
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)
+    assert loaded_names == names
