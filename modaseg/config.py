@@ -55,6 +55,7 @@ class ModelConfig:
     channels_last: bool = False
     compile: bool = False
     sync_batchnorm: bool = False
+    freeze_batchnorm: bool = False  # BatchNorm in eval mode while training (tiny per-process batches)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before stopping
     log_every: int = 10  # batches
     overlay_samples: int = 4  # validation overlays written to TensorBoard
+    validate_before_training: bool = False  # a step-0 baseline on the curves
 
 
 @dataclass

@@ -1,0 +1,200 @@
+"""Evaluation: every sample of a split exactly once across all ranks, at the original resolution.
+
+Each rank streams its own shards, pads images to the U-Net stride (labels padded with ignore, so the
+padding never counts), accumulates a confusion matrix, and the matrices are summed once at the end.
+No collective runs per batch, so ranks with more samples than others never stall anyone.
+
+    modaseg-eval --checkpoint runs/demo/best --shards shards/demo --split test --out runs/demo/eval-test
+    accelerate launch --multi_gpu --num_processes 2 -m modaseg.evaluate --checkpoint ... (several processes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from modaseg.config import DataConfig
+from modaseg.data import eval_loader
+from modaseg.manifest import Manifest, check_shards, read_manifest
+from modaseg.metrics import ConfusionMatrix, Report, compute_report, load_report, render_table, save_report
+from modaseg.model import load_for_inference, predict_logits, preprocess
+
+log = logging.getLogger("modaseg")
+
+
+@dataclass
+class EvalResult:
+    report: Report
+    matrix: np.ndarray  # int64 [C, C], rows = ground truth
+    num_samples: int
+    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=list
+    )  # image, truth, pred
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: nn.Module,
+    data: DataConfig,
+    manifest: Manifest,
+    split: str,
+    *,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    autocast=None,
+    tta_flip: bool = False,
+    channels_last: bool = False,
+    keep_samples: int = 0,
+) -> EvalResult:
+    """`model` must be the bare module (not DDP-wrapped): evaluation runs no per-batch collective."""
+    check_shards(manifest, data.shards, split)
+    was_training = model.training
+    model.eval()
+    matrix = ConfusionMatrix(manifest.num_classes, device=device, ignore_index=manifest.ignore_index)
+    count = 0
+    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for batch in eval_loader(data, manifest, data.shards, split, rank=rank, world_size=world_size):
+        images = batch["image"].to(device, non_blocking=True)
+        target = batch["mask"].to(device, non_blocking=True)
+        x = preprocess(images, channels_last)
+        if autocast is not None:
+            with autocast():
+                logits = predict_logits(model, x, tta_flip)
+        else:
+            logits = predict_logits(model, x, tta_flip)
+        pred = logits.argmax(dim=1)
+        matrix.update(pred, target)
+        count += len(batch["key"])
+        for i, (h, w) in enumerate(batch["size"]):
+            if len(samples) >= keep_samples:
+                break
+            samples.append(
+                (
+                    images[i, :, :h, :w].permute(1, 2, 0).cpu().numpy(),
+                    target[i, :h, :w].cpu().numpy().astype(np.uint8),
+                    pred[i, :h, :w].cpu().numpy().astype(np.uint8),
+                )
+            )
+    matrix.reduce()
+    total = torch.tensor(count, device=device)
+    if world_size > 1:
+        torch.distributed.all_reduce(total)
+    expected = manifest.splits[split].num_samples
+    if int(total) != expected:
+        raise RuntimeError(
+            f"evaluated {int(total)} samples of split {split!r}, the manifest lists {expected}"
+        )
+    model.train(was_training)
+    m = matrix.matrix.cpu().numpy()
+    return EvalResult(compute_report(m, manifest.classes), m, int(total), samples)
+
+
+def write_report_files(result: EvalResult, out_dir: Path, title: str) -> dict[str, Path]:
+    """JSON/CSV/Markdown tables, the confusion heatmap and the IoU bar chart."""
+    from modaseg.visualize import confusion_figure, iou_bar_figure
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = save_report(result.report, out_dir, stem="metrics")
+    np.savetxt(out_dir / "confusion.csv", result.matrix, fmt="%d", delimiter=",")
+    names = list(result.report.class_names)
+    fig = confusion_figure(result.matrix, names)
+    fig.savefig(out_dir / "confusion.png", dpi=120)
+    fig = iou_bar_figure(list(result.report.iou), names)
+    fig.savefig(out_dir / "iou.png", dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    paths.update(confusion=out_dir / "confusion.png", iou=out_dir / "iou.png")
+    return paths
+
+
+def compare_table(current: Report, other: Report, title: str = "comparison"):
+    """Per-class IoU/F1 side by side with the difference (current - other)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("Class", "IoU (this)", "IoU (other)", "ΔIoU", "F1 (this)", "F1 (other)", "ΔF1"):
+        table.add_column(col, justify="left" if col == "Class" else "right")
+
+    def fmt(v: float) -> str:
+        return "n/a" if np.isnan(v) else f"{v:.4f}"
+
+    def diff(a: float, b: float) -> str:
+        return "n/a" if np.isnan(a) or np.isnan(b) else f"{a - b:+.4f}"
+
+    if list(current.class_names) != list(other.class_names):
+        raise ValueError("the two reports have different classes; cannot compare them row by row")
+    for i, name in enumerate(current.class_names):
+        a, b, fa, fb = current.iou[i], other.iou[i], current.f1[i], other.f1[i]
+        table.add_row(name, fmt(a), fmt(b), diff(a, b), fmt(fa), fmt(fb), diff(fa, fb))
+    a, b = current.miou, other.miou
+    table.add_row("mIoU", fmt(a), fmt(b), diff(a, b), "", "", "", style="bold")
+    return table
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="modaseg-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="an export (RUN/best, RUN/final) or RUN/checkpoints/step-N"
+    )
+    p.add_argument("--shards", required=True, help="shard folder with manifest.json")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", help="folder for metrics.{json,csv,md}, confusion.png, iou.png")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--tta-flip", action="store_true", help="average with the horizontally flipped prediction")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--compare", help="another run's metrics.json: print per-class differences")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from accelerate import Accelerator
+    from rich.console import Console
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
+    manifest = read_manifest(args.shards)
+    model, names = load_for_inference(args.checkpoint, accelerator.device)
+    if list(names) != list(manifest.classes):
+        raise SystemExit(f"the model's classes {names} differ from the shards' classes {manifest.classes}")
+    data = DataConfig(shards=args.shards, eval_batch_size=args.batch_size, workers=args.workers)
+    result = evaluate_split(
+        model,
+        data,
+        manifest,
+        args.split,
+        device=accelerator.device,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        autocast=accelerator.autocast,
+        tta_flip=args.tta_flip,
+    )
+    if accelerator.is_main_process:
+        console = Console()
+        title = f"{args.split}: {result.num_samples} images, {Path(args.checkpoint)}"
+        console.print(render_table(result.report, title=title))
+        if args.out:
+            paths = write_report_files(result, Path(args.out), title)
+            console.print(
+                f"reports written to {Path(args.out)}: " + ", ".join(p.name for p in paths.values())
+            )
+        if args.compare:
+            console.print(compare_table(result.report, load_report(args.compare), f"this vs {args.compare}"))
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

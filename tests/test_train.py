@@ -1,0 +1,194 @@
+"""Training through the real `accelerate launch` with 2 CPU processes over gloo (tiny encoder and images)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, accelerate_cmd, clean_env, run_training
+from safetensors.torch import load_file
+
+from modaseg.checkpoint import list_checkpoints, read_state
+from modaseg.config import OptimConfig
+from modaseg.train import EXIT_REQUEUE, FAULT_NAN_ENV, learning_rate
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+
+def weights(run_dir: Path, name: str = "final") -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / name / "model.safetensors"))
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    )
+
+
+@pytest.fixture(scope="module")
+def baseline(shard_dir, tmp_path_factory) -> Path:
+    """An uninterrupted 2-process, 2-epoch run that the other tests compare against."""
+    run_dir = tmp_path_factory.mktemp("baseline") / "run"
+    assert_ok(run_training(run_dir, shard_dir, "train.validate_before_training=true"))
+    return run_dir
+
+
+def test_run_finishes_with_checkpoints_tensorboard_and_summary(baseline):
+    summary = json.loads((baseline / "summary.json").read_text())
+    assert summary["processes"] == 2
+    assert summary["epochs"] == 2 and summary["bad_steps"] == 0 and summary["skipped_samples"] == 0
+    assert list_checkpoints(baseline), "no checkpoint written"
+    assert (baseline / "best" / "config.json").is_file() and (
+        baseline / "final" / "model.safetensors"
+    ).is_file()
+    assert (baseline / "config.yaml").is_file()
+    assert (baseline / "eval-test" / "metrics.json").is_file()
+    # The model learned something: validation mIoU after training is above the untrained baseline.
+    history = summary["history"]
+    assert history[0]["updates"] == 0
+    assert max(h["val_miou"] for h in history[1:]) > history[0]["val_miou"]
+
+
+def test_tensorboard_has_scalars_images_and_config(baseline):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(
+        str(baseline / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0}
+    )
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in (
+        "train/loss",
+        "train/loss_focal",
+        "train/loss_dice",
+        "train/loss_lovasz",
+        "train/lr",
+        "train/grad_norm",
+        "perf/images_per_s",
+        "perf/data_wait_fraction",
+        "val/miou",
+        "val_iou/background",
+    ):
+        assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
+    images = set(acc.Tags()["images"])
+    assert "val/confusion" in images and "val_overlay/0" in images
+    assert "config/text_summary" in acc.Tags()["tensors"]
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    assert all(v == v and v > 0 for v in losses)
+
+
+def test_resume_after_sigterm_is_bitwise_identical(baseline, shard_dir, tmp_path):
+    """SIGTERM mid-run: the ranks agree, save together, exit with the requeue code; the same command then
+    resumes and ends with exactly the weights of the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        *accelerate_cmd(2),
+        str(ROOT / "modaseg" / "train.py"),
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"data.shards={shard_dir}",
+        f"train.output_dir={run_dir}",
+        "train.validate_before_training=true",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    log = run_dir / "train.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and " update 3 " in log.read_text():
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training ended before it could be signalled"
+    proc.send_signal(signal.SIGTERM)  # what SLURM does to the job step; torchrun forwards it to the ranks
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out[-3000:]
+    text = log.read_text()
+    assert "stop requested" in text and f"exiting with code {EXIT_REQUEUE}" in text, out[-3000:]
+    saved = list_checkpoints(run_dir)
+    assert saved and read_state(saved[-1]).updates >= 3
+    assert not (run_dir / "summary.json").exists()
+
+    assert_ok(run_training(run_dir, shard_dir, "train.validate_before_training=true"))
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    final, expected = weights(run_dir), weights(baseline)
+    assert final.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(final[key], expected[key]), f"{key} differs after resume"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["updates"] == json.loads((baseline / "summary.json").read_text())["updates"]
+
+
+def test_non_finite_loss_is_skipped_on_every_rank(shard_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_training(run_dir, shard_dir, "train.epochs=1", env=clean_env(**{FAULT_NAN_ENV: "1,2"}))
+    assert_ok(result)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["bad_steps"] == 2
+    assert "non-finite loss on 1 rank(s)" in (run_dir / "train.log").read_text()
+    for t in weights(run_dir).values():
+        assert torch.isfinite(t.float()).all()
+
+
+def test_too_many_non_finite_losses_stop_with_a_clear_error(shard_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_training(
+        run_dir,
+        shard_dir,
+        "train.epochs=1",
+        "train.max_bad_steps=1",
+        env=clean_env(**{FAULT_NAN_ENV: "0,1,2"}),
+    )
+    assert result.returncode != 0
+    assert "consecutive non-finite losses (train.max_bad_steps=1)" in result.stderr + result.stdout
+
+
+def test_gradient_accumulation_matches_the_larger_batch(shard_dir, tmp_path):
+    """k=2 micro-batches of 1 == one batch of 2 (same samples; BatchNorm frozen so batch statistics don't
+    differ; plain SGD so the update is linear in the gradient)."""
+    common = [
+        "train.epochs=1",
+        "train.steps_per_epoch=4",
+        "model.freeze_batchnorm=true",
+        "optim.optimizer=sgd",
+        "optim.momentum=0.0",
+        "optim.weight_decay=0.0",
+        "optim.grad_clip=0",
+        "augment.hflip_p=0",
+        "augment.color_jitter_p=0",
+        "augment.scale_min=1.0",
+        "augment.scale_max=1.0",
+        "loss.focal=0",
+        "loss.dice=0",
+        "loss.lovasz=0",
+        "loss.ce=1",
+    ]
+    big, small = tmp_path / "big", tmp_path / "small"
+    assert_ok(
+        run_training(
+            big, shard_dir, *common, "data.batch_size=2", "optim.grad_accum=1", "train.steps_per_epoch=2"
+        )
+    )
+    assert_ok(run_training(small, shard_dir, *common, "data.batch_size=1", "optim.grad_accum=2"))
+    a, b = weights(big), weights(small)
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("schedule", ["poly", "cosine", "constant"])
+def test_learning_rate_schedule(schedule):
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule=schedule)
+    rates = [learning_rate(u, 100, cfg) for u in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert all(a <= b + 1e-12 for a, b in itertools.pairwise(rates[:10]))
+    if schedule == "constant":
+        assert rates[-1] == 1.0
+    else:
+        assert rates[-1] < 0.05 and all(a >= b for a, b in itertools.pairwise(rates[10:]))
