@@ -1,0 +1,604 @@
+"""Streaming loaders over the shards written by `modaseg-shard` (layout and manifest: modaseg/manifest.py).
+
+Training: every worker of every rank draws shards with replacement (a resampled stream) and yields a
+fixed number of batches, so all ranks run the same number of steps whatever the shard count and DDP
+never waits on a rank that ran out of data. Everything random in a worker (shard choice, repeat-factor
+rounding, shuffle buffer, augmentation) comes from one RNG derived from (seed, epoch, rank, worker):
+a run resumed at an epoch boundary sees the batches an uninterrupted run would have seen.
+
+Evaluation: shards are split by rank without resampling and the samples of a rank's shards are dealt
+round-robin to its workers, so every sample of the split is seen exactly once, at its original
+resolution. A corrupt sample is an error there: an evaluation that silently skips samples reports
+wrong numbers. In training it is skipped, counted (`batch["skipped"]`) and logged with shard and key.
+
+Only the fields the sharder wrote are decoded, with explicit decoders (never webdataset's default
+decoders, which unpickle `.pyd` fields and turn single-channel PNG label maps into RGB).
+Images stay uint8: normalisation happens on the device (smaller host->device copies). The loaders are
+plain DataLoaders and must not go through `accelerator.prepare()` (see ../shared/notes/stack.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import multiprocessing
+import random
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import astuple, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
+
+from modaseg.augment import seed_transform, train_transform
+from modaseg.classes import IGNORE_INDEX
+from modaseg.config import AugmentConfig, DataConfig
+from modaseg.manifest import Manifest, ManifestError, check_shards
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("jpg", "png", "json")  # what modaseg-shard writes per sample; nothing else is read
+PAD_MULTIPLE = 32  # the U-Net downsamples 5 times
+
+ErrorFn = Callable[..., None]
+
+
+class CorruptDataError(RuntimeError):
+    """A sample or shard could not be read (evaluation), or too many were skipped (training)."""
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def batches_per_epoch(num_samples: int, world_size: int, batch_size: int, grad_accum: int) -> int:
+    """Batches per rank per epoch: enough for the split to be seen about once per epoch, rounded UP to a
+    whole number of accumulation groups (so the last group is full). The same on every rank."""
+    if min(world_size, batch_size, grad_accum) < 1:
+        raise ValueError("world_size, batch_size and grad_accum must be >= 1")
+    if num_samples < 1:
+        raise ValueError("the training split has no samples")
+    groups = math.ceil(num_samples / (world_size * batch_size * grad_accum))
+    return groups * grad_accum
+
+
+def repeat_factors(class_images: Sequence[int], num_images: int, threshold: float) -> list[float]:
+    """LVIS repeat factors per class: r_c = max(1, sqrt(t / f_c)), f_c = share of images containing c.
+    `threshold` <= 0 switches sampling off (all 1.0); a class in no image gets 1.0 (it never decides)."""
+    if threshold <= 0 or num_images <= 0:
+        return [1.0] * len(class_images)
+    return [max(1.0, math.sqrt(threshold * num_images / n)) if n > 0 else 1.0 for n in class_images]
+
+
+def image_repeat_factor(classes_present: Iterable[int], factors: Sequence[float]) -> float:
+    """An image repeats as often as its rarest class asks: r_i = max over its classes of r_c."""
+    return max((factors[c] for c in classes_present), default=1.0)
+
+
+def class_exposure(
+    class_images: Sequence[int],
+    num_images: int,
+    threshold: float,
+    image_classes: Iterable[Sequence[int]] | None = None,
+) -> list[float]:
+    """Expected exposure multiplier per class under repeat-factor sampling, for an epoch of fixed length:
+    (share of the stream's images that contain c) / (that share under plain sampling)
+      = mean r_i over images containing c / mean r_i over all images.
+
+    Exact when `image_classes` (classes present, per image) is given. From the manifest's counts alone
+    it assumes classes occur independently of each other (an estimate: garments co-occur). NaN for a
+    class in no image.
+    """
+    factors = repeat_factors(class_images, num_images, threshold)
+    if image_classes is not None:
+        return _exact_exposure(image_classes, factors)
+    freqs = [n / num_images if num_images else 0.0 for n in class_images]
+    mean = _expected_max(factors, freqs, base=1.0, skip=-1)
+    return [
+        _expected_max(factors, freqs, base=factors[c], skip=c) / mean if class_images[c] else math.nan
+        for c in range(len(class_images))
+    ]
+
+
+def _exact_exposure(image_classes: Iterable[Sequence[int]], factors: Sequence[float]) -> list[float]:
+    sums = [0.0] * len(factors)
+    counts = [0] * len(factors)
+    total, num = 0.0, 0
+    for classes in image_classes:
+        r = image_repeat_factor(classes, factors)
+        total, num = total + r, num + 1
+        for c in set(classes):
+            sums[c] += r
+            counts[c] += 1
+    mean = total / num if num else 1.0
+    return [s / n / mean if n else math.nan for s, n in zip(sums, counts, strict=True)]
+
+
+def _expected_max(factors: Sequence[float], freqs: Sequence[float], base: float, skip: int) -> float:
+    """E[max(base, r_d for each class d present)] with class d present independently with probability
+    freqs[d] (class `skip` excluded): walk the classes from the largest factor down; the first one
+    present decides."""
+    expected, none_yet = 0.0, 1.0
+    for d in sorted(range(len(factors)), key=lambda d: -factors[d]):
+        if d == skip or factors[d] <= base:
+            continue
+        expected += none_yet * freqs[d] * factors[d]
+        none_yet *= 1.0 - freqs[d]
+    return expected + none_yet * base
+
+
+def stream_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
+    """A 64-bit seed for one worker's stream; the same in every process and Python session."""
+    text = f"modaseg-train/{seed}/{epoch}/{rank}/{worker}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+@dataclass
+class SkipCounter:
+    """Training's answer to a corrupt sample: log it with shard and key, count it, and stop past `limit`
+    (a worker whose every shard is corrupt would otherwise spin forever)."""
+
+    limit: int
+    total: int = 0
+    pending: int = 0  # skipped since the last batch
+
+    def __call__(self, shard: str, key: str, reason: str, lost: int = 1) -> None:
+        log.warning(
+            "skipped %d corrupt training sample(s): shard %s, sample %s: %s", lost, shard, key, reason
+        )
+        self.total += lost
+        self.pending += lost
+        if self.total > self.limit:
+            raise CorruptDataError(
+                f"{self.total} corrupt training samples skipped in one data worker, more than "
+                f"data.max_corrupt_samples={self.limit} (last: shard {shard}, sample {key}: {reason})"
+            )
+
+    def take(self) -> int:
+        n, self.pending = self.pending, 0
+        return n
+
+
+def raise_corrupt(shard: str, key: str, reason: str, lost: int = 1) -> None:
+    """Evaluation's answer to a corrupt sample."""
+    raise CorruptDataError(f"shard {shard}, sample {key}: {reason}")
+
+
+def read_shards(sources: Iterable[Mapping[str, Any]], expected: Mapping[str, int], on_error: ErrorFn):
+    """{"url": path} -> samples {"__key__", "__url__", "jpg", "png", "json"} (raw bytes).
+
+    Reads tar members itself rather than through webdataset's tar iterator so that a failure is
+    attributed to the sample being read; a shard that ends early (tar readers treat a truncated header
+    as the end of the archive) is caught by comparing with the manifest's sample count.
+    """
+    for source in sources:
+        yield from _read_shard(str(source["url"]), expected[str(source["url"])], on_error)
+
+
+def _read_shard(url: str, expected: int, on_error: ErrorFn) -> Iterator[dict]:
+    done = 0  # samples yielded or reported
+    current: dict | None = None
+    member = None  # name of the member being read, for the error message
+    try:
+        with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for info in tar:
+                key, ext = base_plus_ext(info.name) if info.isreg() else (None, None)
+                if key is None:
+                    continue
+                if current is not None and key != current["__key__"]:
+                    done += 1
+                    yield from _complete(current, on_error)
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                member = info.name
+                data = tar.extractfile(info).read()
+                member = None
+                tar.members = []  # stream mode keeps every header otherwise
+                if ext in FIELDS:
+                    current[ext] = data
+    except CorruptDataError:
+        raise
+    except Exception as e:  # a truncated or damaged shard: lose its rest, not the run
+        if current is not None and member is None and all(k in current for k in FIELDS):
+            done += 1
+            yield from _complete(current, on_error)
+            current = None
+        key = current["__key__"] if current is not None else f"(after {done} samples)"
+        on_error(url, key, f"unreadable shard ({type(e).__name__}: {e})", lost=max(1, expected - done))
+        return
+    if current is not None:
+        done += 1
+        yield from _complete(current, on_error)
+        last = current["__key__"]
+    else:
+        last = "(none)"
+    if done < expected:
+        on_error(
+            url, f"(after {last})", f"shard ends after {done} of {expected} samples", lost=expected - done
+        )
+
+
+def _complete(sample: dict, on_error: ErrorFn) -> Iterator[dict]:
+    missing = [k for k in FIELDS if k not in sample]
+    if missing:
+        on_error(sample["__url__"], sample["__key__"], f"missing field(s) {', '.join(missing)}")
+    else:
+        yield sample
+
+
+def parse_meta(samples: Iterable[dict], num_classes: int, on_error: ErrorFn) -> Iterator[dict]:
+    """json bytes -> sample["meta"] (json.loads only), checked: a wrong size or label here would crash
+    the loss on the device hours later."""
+    for sample in samples:
+        try:
+            meta = json.loads(sample["json"])
+            present = meta["classes_present"]
+            if not all(isinstance(c, int) and 0 <= c < num_classes for c in present):
+                raise ValueError(f"classes_present {present} outside 0..{num_classes - 1}")
+            if not (isinstance(meta["width"], int) and isinstance(meta["height"], int)):
+                raise ValueError("width/height are not integers")
+        except (ValueError, KeyError, TypeError) as e:
+            on_error(sample["__url__"], sample["__key__"], f"bad json: {e}")
+            continue
+        sample["meta"] = meta
+        yield sample
+
+
+def repeat_by_factor(samples: Iterable[dict], factors: Sequence[float], rng: random.Random) -> Iterator[dict]:
+    """Repeat-factor sampling in the stream: each sample comes out floor(r) times, plus once more with
+    probability frac(r) (stochastic rounding with the stream's RNG). Repeats share the encoded bytes and
+    are decoded and augmented independently after the shuffle buffer."""
+    for sample in samples:
+        r = image_repeat_factor(sample["meta"]["classes_present"], factors)
+        n = int(r) + (rng.random() < r - int(r))
+        for _ in range(n):
+            yield sample
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded JPEG or PNG (grey, RGB, RGBA, CMYK, 16 bit) -> HxWx3 uint8 RGB. EXIF orientation is not
+    applied: the label map was drawn on the stored pixel grid."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if img is None:
+        raise ValueError("image bytes do not decode")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    """Single-channel 8-bit PNG -> HxW uint8; anything else is an error, never a silent conversion."""
+    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise ValueError("label map bytes do not decode")
+    if mask.ndim != 2 or mask.dtype != np.uint8:
+        raise ValueError(f"label map is {mask.dtype} with shape {mask.shape}, expected single-channel uint8")
+    return mask
+
+
+def decode_samples(samples: Iterable[dict], num_classes: int, on_error: ErrorFn) -> Iterator[dict]:
+    """-> {"key", "image" HxWx3 uint8, "mask" HxW uint8}, checked against each other and the json."""
+    for sample in samples:
+        try:
+            image = decode_image(sample["jpg"])
+            mask = decode_mask(sample["png"])
+            meta = sample["meta"]
+            if image.shape[:2] != mask.shape or mask.shape != (meta["height"], meta["width"]):
+                raise ValueError(
+                    f"image {image.shape[1]}x{image.shape[0]}, label map {mask.shape[1]}x{mask.shape[0]}, "
+                    f"json {meta['width']}x{meta['height']} (w x h) disagree"
+                )
+            if mask.max() >= num_classes:  # fast path: no ignore pixels and no bad labels
+                bad = mask[(mask >= num_classes) & (mask != IGNORE_INDEX)]
+                if bad.size:
+                    values = np.unique(bad).tolist()
+                    raise ValueError(f"label values {values} outside 0..{num_classes - 1} and 255")
+        except (ValueError, cv2.error) as e:
+            on_error(sample["__url__"], sample["__key__"], str(e))
+            continue
+        yield {"key": sample["__key__"], "image": image, "mask": mask}
+
+
+def augment_samples(samples: Iterable[dict], transform: Callable[..., dict]) -> Iterator[dict]:
+    for sample in samples:
+        out = transform(image=sample["image"], mask=sample["mask"])
+        yield {"key": sample["key"], "image": out["image"], "mask": out["mask"]}
+
+
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An output tensor, in shared memory inside a DataLoader worker: the batch is written once and
+    crosses to the main process without another copy (what torch's default_collate does)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    return proto.new(proto._typed_storage()._new_shared(math.prod(shape))).view(shape)
+
+
+def collate(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    height: int,
+    width: int,
+    mask_dtype: torch.dtype = torch.int64,
+) -> dict:
+    """HxWx3 images (top-left aligned, padded with 0) and HxW masks (padded with 255) -> "image" uint8
+    [B,3,H,W] and "mask" [B,H,W] of `mask_dtype`. The image tensor is a channels-last view of the
+    stacked HWC arrays (no transposing copy on the host); `.contiguous()` on the device if NCHW memory
+    is wanted."""
+    b = len(images)
+    image = _batch_buffer((b, height, width, 3), torch.uint8)
+    mask = _batch_buffer((b, height, width), mask_dtype)
+    img_np, mask_np = image.numpy(), mask.numpy()
+    for i, (x, m) in enumerate(zip(images, masks, strict=True)):
+        h, w = m.shape
+        img_np[i, :h, :w] = x
+        mask_np[i, :h, :w] = m  # uint8 -> int64 in the same pass
+        if (h, w) != (height, width):
+            img_np[i, h:], img_np[i, :h, w:] = 0, 0
+            mask_np[i, h:], mask_np[i, :h, w:] = IGNORE_INDEX, IGNORE_INDEX
+    return {"image": image.permute(0, 3, 1, 2), "mask": mask}
+
+
+def train_batches(
+    samples: Iterable[dict], batch_size: int, skips: SkipCounter, mask_dtype: torch.dtype = torch.int64
+) -> Iterator[dict]:
+    """Full batches only: {"image" uint8 [B,3,H,W], "mask" int64 [B,H,W], "key", "skipped"}."""
+    batch: list[dict] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == batch_size:
+            height, width = batch[0]["mask"].shape
+            out = collate([s["image"] for s in batch], [s["mask"] for s in batch], height, width, mask_dtype)
+            yield {**out, "key": [s["key"] for s in batch], "skipped": skips.take()}
+            batch = []
+
+
+def pad_batch(
+    samples: Sequence[dict], multiple: int = PAD_MULTIPLE, mask_dtype: torch.dtype = torch.int64
+) -> dict:
+    """Pad every image to the batch's largest size, rounded up to `multiple`: image with 0, mask with
+    the ignore label (so padding never counts in a metric). "size" is what to crop predictions back to."""
+    sizes = [tuple(s["mask"].shape) for s in samples]
+    height = max(-(-h // multiple) * multiple for h, _ in sizes)
+    width = max(-(-w // multiple) * multiple for _, w in sizes)
+    out = collate([s["image"] for s in samples], [s["mask"] for s in samples], height, width, mask_dtype)
+    return {**out, "key": [s["key"] for s in samples], "size": sizes}
+
+
+def eval_batches(
+    samples: Iterable[dict], batch_size: int, mask_dtype: torch.dtype = torch.int64
+) -> Iterator[dict]:
+    batch: list[dict] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield pad_batch(batch, mask_dtype=mask_dtype)
+            batch = []
+    if batch:
+        yield pad_batch(batch, mask_dtype=mask_dtype)
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    if info is None:
+        return 0, 1
+    cv2.setNumThreads(1)  # the workers are the parallelism; OpenCV threads would oversubscribe
+    return info.id, info.num_workers
+
+
+class TrainStream(IterableDataset):
+    """One rank's training stream. The epoch is read from shared memory when iteration starts, so
+    persistent workers can be reused from epoch to epoch."""
+
+    def __init__(
+        self,
+        data: DataConfig,
+        aug: AugmentConfig,
+        shards: Mapping[str, int],
+        factors: Sequence[float],
+        num_classes: int,
+        *,
+        rank: int,
+        seed: int,
+        num_batches: int,
+        epoch: Any,
+        mask_dtype: torch.dtype = torch.int64,
+    ):
+        super().__init__()
+        self.data, self.aug = data, aug
+        self.shards = dict(shards)
+        self.factors = list(factors)
+        self.num_classes = num_classes
+        self.rank, self.seed, self.num_batches = rank, seed, num_batches
+        self.epoch = epoch  # multiprocessing.Value("q")
+        self.mask_dtype = mask_dtype
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker()
+        count = self.num_batches // workers + (worker < self.num_batches % workers)
+        if count == 0:
+            return iter(())
+        rng = random.Random(stream_seed(self.seed, self.epoch.value, self.rank, worker))
+        transform = train_transform(self.aug, self.data.crop_height, self.data.crop_width)
+        seed_transform(transform, rng.getrandbits(64))
+        skips = SkipCounter(self.data.max_corrupt_samples)
+        shard_seed = rng.getrandbits(31)
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(sorted(self.shards), deterministic=True, worker_seed=lambda: shard_seed),
+            partial(read_shards, expected=self.shards, on_error=skips),
+            partial(parse_meta, num_classes=self.num_classes, on_error=skips),
+            partial(repeat_by_factor, factors=self.factors, rng=rng),
+            wds.shuffle(self.data.shuffle_buffer, initial=self.data.shuffle_buffer, rng=rng)
+            if self.data.shuffle_buffer > 1
+            else None,
+            partial(decode_samples, num_classes=self.num_classes, on_error=skips),
+            partial(augment_samples, transform=transform),
+            partial(train_batches, batch_size=self.data.batch_size, skips=skips, mask_dtype=self.mask_dtype),
+        )
+        return itertools.islice(iter(pipeline), count)
+
+
+class EvalStream(IterableDataset):
+    """One rank's share of a split: its shards in manifest order, samples dealt round-robin to the
+    workers (balanced whatever the shard count; a worker with nothing to do just ends)."""
+
+    def __init__(
+        self,
+        shards: Mapping[str, int],
+        batch_size: int,
+        num_classes: int,
+        mask_dtype: torch.dtype = torch.int64,
+    ):
+        super().__init__()
+        self.mask_dtype = mask_dtype
+        self.shards = dict(shards)
+        self.batch_size = batch_size
+        self.num_classes = num_classes
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker()
+        pipeline = wds.DataPipeline(
+            lambda: ({"url": url} for url in self.shards),  # wds.SimpleShardList fails on a rank with none
+            partial(read_shards, expected=self.shards, on_error=raise_corrupt),
+            lambda samples: itertools.islice(samples, worker, None, workers),
+            partial(parse_meta, num_classes=self.num_classes, on_error=raise_corrupt),
+            partial(decode_samples, num_classes=self.num_classes, on_error=raise_corrupt),
+            partial(eval_batches, batch_size=self.batch_size, mask_dtype=self.mask_dtype),
+        )
+        return iter(pipeline)
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+
+
+class _Epoch:
+    """One epoch of a cached training loader: sets the shared epoch when iteration starts."""
+
+    def __init__(self, loader: DataLoader, epoch_value: Any, epoch: int, num_batches: int):
+        self.loader, self.epoch_value, self.epoch, self.num_batches = loader, epoch_value, epoch, num_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        self.epoch_value.value = self.epoch
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+_train_loaders: dict[tuple, tuple[DataLoader, Any]] = {}
+
+
+def _shard_counts(manifest: Manifest, root: str | Path, split: str) -> dict[str, int]:
+    paths = check_shards(manifest, root, split)
+    return {str(p): s.num_samples for p, s in zip(paths, manifest.splits[split].shards, strict=True)}
+
+
+def train_loader(
+    data: DataConfig,
+    aug: AugmentConfig,
+    manifest: Manifest,
+    root: str | Path,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    num_batches: int,
+    mask_dtype: torch.dtype = torch.int64,
+) -> Iterable[dict]:
+    """Exactly `num_batches` batches per rank (split over the workers), deterministic in
+    (seed, epoch, rank, worker, workers): {"image" uint8 [B,3,H,W], "mask" int64 [B,H,W], "key",
+    "skipped" (corrupt samples skipped by that worker since its previous batch)}.
+
+    Calls for successive epochs with otherwise equal arguments reuse one DataLoader, so persistent
+    workers survive from epoch to epoch. Rare-class sampling: data.repeat_threshold (0 = off).
+    `mask_dtype=torch.uint8` makes masks 8x smaller on the host and in the host->device copy (then
+    `.long()` on the device): at 576x384 the int64 masks cost 0.1-0.5 ms per sample to build, plus
+    their transfer from the worker processes.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    key = (
+        str(Path(root).resolve()),
+        json.dumps([s.name for s in manifest.splits["train"].shards]),
+        astuple(data),
+        astuple(aug),
+        rank,
+        world_size,
+        seed,
+        num_batches,
+        mask_dtype,
+    )
+    cached = _train_loaders.get(key)
+    if cached is None:
+        _train_loaders.clear()  # drops the previous loader and its workers
+        counts = {url: n for url, n in _shard_counts(manifest, root, "train").items() if n > 0}
+        if not counts:
+            raise ManifestError(f"the train split in {root} has no samples")
+        info = manifest.splits["train"]
+        factors = repeat_factors(info.class_images, info.num_samples, data.repeat_threshold)
+        epoch_value = multiprocessing.get_context().Value("q", epoch, lock=False)
+        stream = TrainStream(
+            data,
+            aug,
+            counts,
+            factors,
+            manifest.num_classes,
+            rank=rank,
+            seed=seed,
+            num_batches=num_batches,
+            epoch=epoch_value,
+            mask_dtype=mask_dtype,
+        )
+        cached = (_data_loader(stream, data, persistent=True), epoch_value)
+        _train_loaders[key] = cached
+    loader, epoch_value = cached
+    return _Epoch(loader, epoch_value, epoch, num_batches)
+
+
+def eval_loader(
+    data: DataConfig,
+    manifest: Manifest,
+    root: str | Path,
+    split: str,
+    *,
+    rank: int,
+    world_size: int,
+    mask_dtype: torch.dtype = torch.int64,
+) -> Iterable[dict]:
+    """Every sample of `split` exactly once across the ranks (rank r reads shards r, r + world_size, ...),
+    at the original resolution padded to a multiple of 32 (image 0, mask 255) and to the batch's
+    largest size: {"image" uint8, "mask" int64, "key", "size" [(h, w)]}. Corrupt data raises
+    CorruptDataError naming shard and key."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    counts = _shard_counts(manifest, root, split)
+    mine = dict(list(counts.items())[rank::world_size])
+    stream = EvalStream(mine, data.eval_batch_size, manifest.num_classes, mask_dtype)
+    return _data_loader(stream, data, persistent=False)
+
+
+def _data_loader(dataset: IterableDataset, data: DataConfig, persistent: bool) -> DataLoader:
+    workers = data.workers
+    return DataLoader(
+        dataset,
+        batch_size=None,  # the streams batch themselves
+        num_workers=workers,
+        prefetch_factor=data.prefetch_factor if workers > 0 else None,
+        persistent_workers=persistent and workers > 0,
+        pin_memory=data.pin_memory and torch.cuda.is_available(),
+    )
