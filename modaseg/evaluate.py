@@ -61,9 +61,11 @@ def evaluate_split(
     matrix = ConfusionMatrix(manifest.num_classes, device=device, ignore_index=manifest.ignore_index)
     count = 0
     samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for batch in eval_loader(data, manifest, data.shards, split, rank=rank, world_size=world_size):
+    for batch in eval_loader(
+        data, manifest, data.shards, split, rank=rank, world_size=world_size, mask_dtype=torch.uint8
+    ):
         images = batch["image"].to(device, non_blocking=True)
-        target = batch["mask"].to(device, non_blocking=True)
+        target = batch["mask"].to(device, non_blocking=True).long()
         x = preprocess(images, channels_last)
         if autocast is not None:
             with autocast():

@@ -67,7 +67,9 @@ def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> None:
     Keys may carry an `encoder.` prefix (a whole-U-Net checkpoint) or none (a bare backbone)."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"model.encoder_weights={path}: no such file (use null, 'imagenet' or a file path)")
+        raise WeightsError(
+            f"model.encoder_weights={path}: no such file (use null, 'imagenet' or a file path)"
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -93,7 +95,7 @@ def preprocess(images: torch.Tensor, channels_last: bool = False) -> torch.Tenso
     mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def pad_to_stride(x: torch.Tensor, value: float, stride: int = STRIDE) -> torch.Tensor:
@@ -120,7 +122,9 @@ def predict_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) ->
 EXPORT_META = "modaseg.json"
 
 
-def export_model(model: nn.Module, out_dir: str | Path, class_names: list[str], metrics: dict | None = None) -> Path:
+def export_model(
+    model: nn.Module, out_dir: str | Path, class_names: list[str], metrics: dict | None = None
+) -> Path:
     """Save in SMP's `save_pretrained` layout (config.json + model.safetensors), loadable without
     modaseg by `segmentation_models_pytorch.from_pretrained(out_dir)`, plus `modaseg.json` (class names
     and the input normalisation). Written to a temporary folder and renamed: never half an export."""
@@ -131,7 +135,13 @@ def export_model(model: nn.Module, out_dir: str | Path, class_names: list[str], 
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), metrics=metrics)
-    meta = {"classes": list(class_names), "mean": MEAN, "std": STD, "stride": STRIDE, "input": "RGB uint8 / 255"}
+    meta = {
+        "classes": list(class_names),
+        "mean": MEAN,
+        "std": STD,
+        "stride": STRIDE,
+        "input": "RGB uint8 / 255",
+    }
     (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))
     if out_dir.exists():
         shutil.rmtree(out_dir)

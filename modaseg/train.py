@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=state.seed,
                 epoch=epoch,
                 num_batches=num_batches,
+                mask_dtype=torch.uint8,
             )
         )
         if state.batch:
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             group = accum if (b // accum + 1) * accum <= num_batches else num_batches - (b // accum) * accum
 
             images = preprocess(batch["image"].to(device, non_blocking=True), cfg.model.channels_last)
-            target = batch["mask"].to(device, non_blocking=True)
+            target = batch["mask"].to(device, non_blocking=True).long()  # uint8 on the host: 8x less to copy
             sync = contextlib.nullcontext() if is_update else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
