@@ -56,7 +56,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, state: TrainerState, keep_last: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, run_dir: str | Path, state: TrainerState, keep_last: int
+) -> Path:
     """Collective: every rank must call it at the same step."""
     root = checkpoint_root(run_dir)
     final = root / f"{PREFIX}{state.updates:08d}"
@@ -118,9 +120,19 @@ def resume(accelerator: Accelerator, run_dir: str | Path, how: str) -> TrainerSt
         # Every rank must resume from the same checkpoint: agree before going on.
         agreed = accelerator.reduce(torch.tensor(ok, device=accelerator.device), "sum").item()
         if agreed == accelerator.num_processes:
-            log.info("resumed from %s (epoch %d, batch %d, %d updates)", path, state.epoch, state.batch, state.updates)
+            log.info(
+                "resumed from %s (epoch %d, batch %d, %d updates)",
+                path,
+                state.epoch,
+                state.batch,
+                state.updates,
+            )
             return state
         if how != "auto":
-            raise CheckpointError(f"checkpoint {path} is corrupt or incomplete: {error or 'failed on another rank'}")
-        log.warning("checkpoint %s is unusable (%s); trying the previous one", path, error or "failed on another rank")
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt or incomplete: {error or 'failed on another rank'}"
+            )
+        log.warning(
+            "checkpoint %s is unusable (%s); trying the previous one", path, error or "failed on another rank"
+        )
     raise CheckpointError(f"no usable checkpoint in {checkpoint_root(run_dir)}: every one failed to load")

@@ -44,7 +44,9 @@ def load_rgb(path: Path) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_batch(model: torch.nn.Module, images: list[np.ndarray], device, tta_flip: bool = False) -> list[np.ndarray]:
+def predict_batch(
+    model: torch.nn.Module, images: list[np.ndarray], device, tta_flip: bool = False
+) -> list[np.ndarray]:
     """Label maps for RGB uint8 images of any sizes: each padded to the batch's largest size (rounded up
     to the stride), predicted together, and cropped back to its own size."""
     h = max(i.shape[0] for i in images)
@@ -66,10 +68,13 @@ def save_outputs(out_dir: Path, stem: str, image: np.ndarray, labels: np.ndarray
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="modaseg-predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="modaseg-predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
-    p.add_argument("--checkpoint", required=True, help="an export (RUN/best, RUN/final) or RUN/checkpoints/step-N")
+    p.add_argument(
+        "--checkpoint", required=True, help="an export (RUN/best, RUN/final) or RUN/checkpoints/step-N"
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -100,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                     failed.append((path, f"{type(e).__name__}: {e}"))
                     log.error("cannot read %s: %s", path, e)
             if images:
-                for path, image, labels in zip(chunk, images, predict_batch(model, images, args.device, args.tta_flip),
-                                               strict=True):
+                for path, image, labels in zip(
+                    chunk, images, predict_batch(model, images, args.device, args.tta_flip), strict=True
+                ):
                     save_outputs(out_dir, path.stem, image, labels, names)
                     written += 1
             progress.advance(task, args.batch_size)

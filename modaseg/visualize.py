@@ -75,8 +75,15 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str]):
     for i in range(n):
         for j in range(n):
             if norm[i, j] >= 0.005:
-                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{norm[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title("confusion matrix (row-normalised)")
     fig.tight_layout()
@@ -92,11 +99,16 @@ def iou_bar_figure(ious: Sequence[float], class_names: Sequence[str]):
 
     values = np.nan_to_num(np.asarray(ious, dtype=np.float64), nan=0.0)
     fig, ax = plt.subplots(figsize=(0.5 * len(class_names) + 2, 3.5))
-    ax.bar(range(len(values)), values, color=[np.array(c) / 255 for c in palette(len(class_names))],
-           edgecolor="black")
+    ax.bar(
+        range(len(values)),
+        values,
+        color=[np.array(c) / 255 for c in palette(len(class_names))],
+        edgecolor="black",
+    )
     for i, v in enumerate(ious):
-        ax.text(i, (0 if np.isnan(v) else v) + 0.01, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center",
-                fontsize=7)
+        ax.text(
+            i, (0 if np.isnan(v) else v) + 0.01, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", fontsize=7
+        )
     ax.set_xticks(range(len(values)), class_names, rotation=60, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("IoU")

@@ -5,7 +5,9 @@ import pytest
 
 from modaseg.classes import IGNORE_INDEX, MODANET, LabelSpace, palette
 
-SAMPLE = Path(__file__).parents[1] / ".." / "shared" / "data" / "modanet-sample" / "modanet_train_subset_a.json"
+SAMPLE = (
+    Path(__file__).parents[1] / ".." / "shared" / "data" / "modanet-sample" / "modanet_train_subset_a.json"
+)
 
 
 def test_modanet_ids_are_label_values_and_background_is_zero():

@@ -13,8 +13,16 @@ def test_shipped_configs_load_and_are_offline(path):
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["optim.lr=3e-4", "data.batch_size=8", "model.decoder_attention=scse",
-                             "model.encoder_weights=null", "loss.dice_global=true"])
+    cfg = load_config(
+        None,
+        [
+            "optim.lr=3e-4",
+            "data.batch_size=8",
+            "model.decoder_attention=scse",
+            "model.encoder_weights=null",
+            "loss.dice_global=true",
+        ],
+    )
     assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
     assert cfg.data.batch_size == 8
     assert cfg.model.decoder_attention == "scse"

@@ -43,7 +43,7 @@ def reference_matrix(model_dir, shard_dir, split: str) -> np.ndarray:
             members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
         keys = sorted({name.split(".")[0] for name in members})
         for key in keys:
-            image = np.asarray(Image.open(io.BytesIO(members[f"{key}.jpg"])).convert("RGB"))
+            image = np.array(Image.open(io.BytesIO(members[f"{key}.jpg"])).convert("RGB"))
             label = np.asarray(Image.open(io.BytesIO(members[f"{key}.png"])))
             x = torch.from_numpy(image).permute(2, 0, 1)[None]
             with torch.no_grad():

@@ -37,7 +37,11 @@ def test_pad_to_stride_pads_bottom_right_only():
     mask = torch.zeros((1, 600, 400), dtype=torch.long)
     padded = pad_to_stride(mask, 255)
     assert padded.shape == (1, 608, 416)
-    assert (padded[:, :600, :400] == 0).all() and (padded[:, 600:] == 255).all() and (padded[:, :, 400:] == 255).all()
+    assert (
+        (padded[:, :600, :400] == 0).all()
+        and (padded[:, 600:] == 255).all()
+        and (padded[:, :, 400:] == 255).all()
+    )
 
 
 def test_imagenet_offline_is_one_clear_error(monkeypatch):

@@ -192,3 +192,41 @@ def test_learning_rate_schedule(schedule):
         assert rates[-1] == 1.0
     else:
         assert rates[-1] < 0.05 and all(a >= b for a, b in itertools.pairwise(rates[10:]))
+
+
+def test_resume_auto_skips_a_corrupt_checkpoint_and_matches_from_the_epoch_boundary(
+    baseline, shard_dir, tmp_path
+):
+    """The baseline's two epoch-end checkpoints, the newer one truncated: resume=auto falls back to the
+    end of epoch 1, trains epoch 2 again, and ends bitwise equal to the uninterrupted run."""
+    import shutil
+
+    epoch_ends = [p for p in list_checkpoints(baseline) if read_state(p).batch == 0]
+    assert [read_state(p).epoch for p in epoch_ends] == [1, 2]
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    for path in epoch_ends:
+        shutil.copytree(path, run_dir / "checkpoints" / path.name)
+    shutil.copytree(
+        baseline / "checkpoints" / epoch_ends[0].name, run_dir / "checkpoints" / ".tmp-step-99999999"
+    )
+    newest = run_dir / "checkpoints" / epoch_ends[1].name / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as after a crash of the storage
+
+    assert_ok(run_training(run_dir, shard_dir))
+    text = (run_dir / "train.log").read_text()
+    assert f"checkpoint {run_dir / 'checkpoints' / epoch_ends[1].name} is unusable" in text
+    assert f"resumed from {run_dir / 'checkpoints' / epoch_ends[0].name} (epoch 1, batch 0" in text
+    final, expected = weights(run_dir), weights(baseline)
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_explicit_corrupt_checkpoint_is_a_clear_error(baseline, shard_dir, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(list_checkpoints(baseline)[-1], ckpt)
+    (ckpt / "optimizer.bin").write_bytes(b"garbage")
+    result = run_training(tmp_path / "run", shard_dir, f"train.resume={ckpt}")
+    assert result.returncode != 0
+    assert f"checkpoint {ckpt} is corrupt or incomplete" in result.stderr + result.stdout
