@@ -132,6 +132,8 @@ def export_model(
     import shutil
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / EXPORT_META).is_file():
+        raise FileExistsError(f"{out_dir} exists and is not a modaseg export: refusing to replace it")
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), metrics=metrics)

@@ -73,3 +73,12 @@ def test_export_loads_without_modaseg_and_gives_the_same_logits(tmp_path, model)
         assert torch.allclose(plain(x), model(x), atol=1e-6)
         assert torch.allclose(loaded(x), model(x), atol=1e-6)
     assert loaded_names == names
+
+
+def test_export_refuses_to_replace_a_folder_that_is_not_an_export(tmp_path, model):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a modaseg export"):
+        export_model(model, run, [f"c{i}" for i in range(14)])
+    assert (run / "train.log").read_text() == "precious"
