@@ -80,15 +80,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_training(
-    run_dir: Path,
-    shards: Path,
-    *overrides: str,
-    processes: int = 2,
-    env: dict | None = None,
-    timeout: int = 600,
-) -> subprocess.CompletedProcess:
-    cmd = [
+def training_cmd(run_dir: Path, shards: Path, *overrides: str, processes: int = 2) -> list[str]:
+    """`accelerate launch ... modaseg/train.py` on configs/tiny.yaml with the given shards and run folder."""
+    return [
         *accelerate_cmd(processes),
         str(ROOT / "modaseg" / "train.py"),
         "--config",
@@ -97,6 +91,17 @@ def run_training(
         f"train.output_dir={run_dir}",
         *overrides,
     ]
+
+
+def run_training(
+    run_dir: Path,
+    shards: Path,
+    *overrides: str,
+    processes: int = 2,
+    env: dict | None = None,
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
+    cmd = training_cmd(run_dir, shards, *overrides, processes=processes)
     return subprocess.run(
         cmd, cwd=ROOT, env=env or clean_env(), capture_output=True, text=True, timeout=timeout
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, accelerate_cmd, clean_env, run_training
+from conftest import ROOT, clean_env, run_training, training_cmd
 from safetensors.torch import load_file
 
 from modaseg.checkpoint import list_checkpoints, read_state
@@ -87,15 +87,7 @@ def test_resume_after_sigterm_is_bitwise_identical(baseline, shard_dir, tmp_path
     """SIGTERM mid-run: the ranks agree, save together, exit with the requeue code; the same command then
     resumes and ends with exactly the weights of the uninterrupted run."""
     run_dir = tmp_path / "run"
-    cmd = [
-        *accelerate_cmd(2),
-        str(ROOT / "modaseg" / "train.py"),
-        "--config",
-        str(ROOT / "configs" / "tiny.yaml"),
-        f"data.shards={shard_dir}",
-        f"train.output_dir={run_dir}",
-        "train.validate_before_training=true",
-    ]
+    cmd = training_cmd(run_dir, shard_dir, "train.validate_before_training=true")
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
