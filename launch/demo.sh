@@ -33,7 +33,7 @@ step "4/5 evaluation of the best checkpoint on the test split"
 modaseg-eval --checkpoint runs/demo/best --shards shards/demo --split test --out runs/demo/eval-test \
   --workers 1
 
-step "5/5 predictions for three test images"
+step "5/5 predictions for three of the generated images"
 ls data/synth-demo/images/*.jpg | tail -n 3 | xargs modaseg-predict --checkpoint runs/demo/best --out runs/demo/predict
 
 echo

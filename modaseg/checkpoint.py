@@ -41,6 +41,11 @@ class TrainerState:
     bad_steps: int = 0  # non-finite losses skipped so far
     skipped_samples: int = 0  # corrupt samples skipped by the training stream so far
     history: list[dict] = field(default_factory=list)  # validation results per epoch
+    pending_validation: bool = False  # saved at an epoch end, its validation not done yet
+    # The layout the batch positions refer to: resuming with another one would shift the data stream.
+    num_batches: int = 0  # batches per epoch per process
+    world_size: int = 0
+    grad_accum: int = 0
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -70,16 +75,27 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=1))
+        write_state(tmp, state)
         _fsync_dir(tmp)
-        if final.exists():  # the same step saved twice (e.g. a signal right at an epoch end)
-            shutil.rmtree(final)
+        old = root / f".old-{final.name}"
+        if final.exists():  # the same step saved twice: move the old one aside, never delete it first
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
         for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def write_state(checkpoint: str | Path, state: TrainerState) -> None:
+    """(Re)write a checkpoint's trainer_state.json atomically, e.g. after the epoch's validation."""
+    path = Path(checkpoint) / STATE_NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(state), indent=1))
+    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -135,4 +151,7 @@ def resume(accelerator: Accelerator, run_dir: str | Path, how: str) -> TrainerSt
         log.warning(
             "checkpoint %s is unusable (%s); trying the previous one", path, error or "failed on another rank"
         )
+        if accelerator.is_main_process:  # out of the listing, or keep_last would prune the good ones
+            os.replace(path, path.with_name(f"corrupt-{path.name}"))
+        accelerator.wait_for_everyone()
     raise CheckpointError(f"no usable checkpoint in {checkpoint_root(run_dir)}: every one failed to load")

@@ -26,6 +26,7 @@ import logging
 import math
 import multiprocessing
 import random
+import signal
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import astuple, dataclass
@@ -592,10 +593,35 @@ def eval_loader(
     return _data_loader(stream, data, persistent=False)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Preemption signals are for the training process, which checkpoints and then ends its workers
+    (close_train_loaders). SLURM (scancel --signal) and torchrun signal every process of the job, and
+    torch's worker handler exits on a SIGTERM that does not come from the parent: the trainer would
+    crash on a dead worker instead of saving."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def close_train_loaders() -> None:
+    """End the persistent training workers through the DataLoader's own shutdown (a sentinel, then
+    join). Call before the process exits: at interpreter exit, multiprocessing would end them with a
+    SIGTERM, which they ignore, and wait for them forever."""
+    for loader, _ in _train_loaders.values():
+        iterator = loader._iterator  # torch keeps the persistent workers' iterator here
+        if iterator is not None:
+            iterator._shutdown_workers()
+            for worker in iterator._workers:
+                if worker.is_alive():
+                    worker.kill()
+            loader._iterator = None
+    _train_loaders.clear()
+
+
 def _data_loader(dataset: IterableDataset, data: DataConfig, persistent: bool) -> DataLoader:
     workers = data.workers
     return DataLoader(
         dataset,
+        worker_init_fn=_ignore_stop_signals if persistent else None,
         batch_size=None,  # the streams batch themselves
         num_workers=workers,
         prefetch_factor=data.prefetch_factor if workers > 0 else None,

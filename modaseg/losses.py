@@ -342,7 +342,7 @@ class CompositeLoss(nn.Module):
     One log-softmax is shared by all components. `forward` returns the differentiable total and each
     component with a non-zero weight, detached and unweighted, for logging. Components are per-rank
     values (except a `dice_global` Dice, equal on all ranks): the trainer averages them across ranks with
-    `accelerator.reduce(value, "mean")` before logging.
+    one summed reduction per batch divided by the world size (the same as `accelerator.reduce(value, "mean")`).
     """
 
     def __init__(

@@ -97,6 +97,12 @@ def read_manifest(root: str | Path) -> Manifest:
         raise ManifestError(f"cannot read {path}: {e}") from e
     if raw.get("format") != FORMAT:
         raise ManifestError(f"{path}: format {raw.get('format')!r}, expected {FORMAT!r}")
+    for split in raw.get("splits", {}).values():
+        for shard in split["shards"]:
+            if Path(shard["name"]).name != shard["name"] or shard["name"] in ("", ".", ".."):
+                raise ManifestError(
+                    f"{path}: shard name {shard['name']!r} is not a plain file name in the folder"
+                )
     splits = {
         name: SplitInfo(
             num_samples=s["num_samples"],

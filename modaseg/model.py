@@ -160,7 +160,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
 
     from modaseg.config import load_config
 
-    path = Path(path)
+    path = Path(path).resolve()
     if (path / "config.json").is_file() and (path / EXPORT_META).is_file():
         model = smp.from_pretrained(str(path))
         names = json.loads((path / EXPORT_META).read_text())["classes"]
@@ -170,7 +170,8 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
         cfg = load_config(run / "config.yaml")
         cfg.model.encoder_weights = None
         model = build_model(cfg.model, len(names))
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        state = load_file(str(path / "model.safetensors"))  # keys of a compiled run start with _orig_mod.
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
     else:
         raise FileNotFoundError(
             f"{path} is neither a modaseg export (config.json + {EXPORT_META}) nor a training checkpoint "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     paths = find_images(args.inputs)
+    stems = Counter(p.stem for p in paths)
+    clashes = sorted(s for s, n in stems.items() if n > 1)
+    if clashes:
+        raise SystemExit(
+            f"modaseg-predict: several inputs would write the same outputs: {clashes[:5]} "
+            "(outputs are named after the file stem); predict them into separate --out folders"
+        )
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, names = load_for_inference(args.checkpoint, args.device)
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 ):
                     save_outputs(out_dir, path.stem, image, labels, names)
                     written += 1
-            progress.advance(task, args.batch_size)
+            progress.advance(task, len(paths[start : start + args.batch_size]))
     log.info("%d of %d images predicted into %s; %d unreadable", written, len(paths), out_dir, len(failed))
     for path, why in failed:
         log.info("  skipped %s: %s", path, why)

@@ -31,9 +31,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from modaseg.checkpoint import TrainerState, resume, save_checkpoint
+from modaseg.checkpoint import PREFIX as CHECKPOINT_PREFIX
+from modaseg.checkpoint import TrainerState, checkpoint_root, resume, save_checkpoint, write_state
 from modaseg.config import Config, OptimConfig, load_config, save_config, to_dict
-from modaseg.data import batches_per_epoch, class_exposure, train_loader
+from modaseg.data import batches_per_epoch, class_exposure, close_train_loaders, train_loader
 from modaseg.evaluate import EvalResult, evaluate_split, write_report_files
 from modaseg.losses import CompositeLoss, class_weights
 from modaseg.manifest import check_shards, read_manifest
@@ -118,11 +119,26 @@ def set_train_mode(model: torch.nn.Module, freeze_batchnorm: bool) -> None:
                 m.eval()
 
 
+def bare_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The module without DDP and torch.compile wrappers: its state dict has the plain SMP keys."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics. DDP broadcasts buffers only at the start of a
+    forward pass, so after the last step of an epoch each rank holds its own; validating those would
+    score a model that differs from the one rank 0 saves."""
+    if accelerator.num_processes > 1:
+        for buffer in bare_model(accelerator, model).buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 def check_replicas(accelerator: Accelerator, model: torch.nn.Module) -> None:
     """DDP keeps replicas identical by construction; verify it (a cheap float64 checksum per rank) rather
     than trust it, so a silent divergence never ships as a checkpoint."""
+    bare = bare_model(accelerator, model)
     with torch.no_grad():
-        checksum = torch.stack([p.double().sum() for p in accelerator.unwrap_model(model).parameters()]).sum()
+        checksum = torch.stack([t.double().sum() for t in [*bare.parameters(), *bare.buffers()]]).sum()
     sums = accelerator.gather(checksum.reshape(1).to(accelerator.device))
     if not torch.equal(sums, sums[:1].expand_as(sums)):
         raise RuntimeError(f"model replicas differ across ranks after training: checksums {sums.tolist()}")
@@ -145,9 +161,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # ---------------------------------------------------------------- set up
     args = parse_args(argv)
     cfg: Config = load_config(args.config, args.overrides)
+    try:
+        return train(cfg)
+    finally:
+        close_train_loaders()  # whatever happened: persistent workers must not outlive the trainer
+
+
+def train(cfg: Config) -> int:
+    # ---------------------------------------------------------------- set up
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.optim.mixed_precision)
     run_dir = Path(cfg.train.output_dir)
     setup_logging(accelerator, run_dir)
@@ -204,7 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     log_class_table(names, train_info.class_pixels, weights.tolist(), exposure)
 
     # ---------------------------------------------------------------- resume
-    state = resume(accelerator, run_dir, cfg.train.resume) or TrainerState(seed=cfg.train.seed)
+    layout = {"num_batches": num_batches, "world_size": world, "grad_accum": accum}
+    state = resume(accelerator, run_dir, cfg.train.resume) or TrainerState(seed=cfg.train.seed, **layout)
+    resumed_layout = {k: getattr(state, k) for k in layout}
+    if resumed_layout != layout:
+        raise RuntimeError(
+            f"cannot resume {run_dir}: its checkpoints were made with {resumed_layout}, this run has {layout}. "
+            "Resume with the same process count, data.batch_size, optim.grad_accum and train.steps_per_epoch, "
+            "or start a new run (train.resume=none, or another train.output_dir)."
+        )
     if state.epoch >= cfg.train.epochs:
         log.info(
             "training already finished (epoch %d of %d); running the final evaluation only",
@@ -216,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=state.updates or None)
+        writer = SummaryWriter(
+            log_dir=str(run_dir / "tensorboard"), purge_step=state.updates + 1 if state.updates else None
+        )
         writer.add_text(
             "config", "```yaml\n" + (run_dir / "config.yaml").read_text() + "\n```", state.updates
         )
@@ -231,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("validation before training: mIoU %.4f", result.report.miou)
         if writer is not None:
             log_validation(writer, result, 0, names)
+
+    if state.pending_validation:  # preempted during the validation that follows a checkpoint
+        validate_epoch(accelerator, model, cfg, manifest, state, writer, run_dir)
+        if accelerator.is_main_process:
+            write_state(checkpoint_root(run_dir) / f"{CHECKPOINT_PREFIX}{state.updates:08d}", state)
 
     # ---------------------------------------------------------------- train
     start_time = time.perf_counter()
@@ -256,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if state.batch:
             log.info("fast-forwarding %d batches of epoch %d to the resume point", state.batch, epoch)
-            for _ in range(state.batch):
-                state.skipped_samples += next(batches)["skipped"]
+            for _ in range(state.batch):  # their skipped samples are already in state.skipped_samples
+                next(batches)
         sums, summed = torch.zeros(0), 0  # loss values summed over ranks, and over `summed` batches
         window_start, data_wait, window_images = time.perf_counter(), 0.0, 0
         group_bad = False
@@ -265,9 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - t0
-            state.skipped_samples += batch["skipped"]
             is_update = (b + 1) % accum == 0 or b + 1 == num_batches
-            group = accum if (b // accum + 1) * accum <= num_batches else num_batches - (b // accum) * accum
+            group = min(accum, num_batches - (b // accum) * accum)  # the last group may be short
 
             images = preprocess(batch["image"].to(device, non_blocking=True), cfg.model.channels_last)
             target = batch["mask"].to(device, non_blocking=True).long()  # uint8 on the host: 8x less to copy
@@ -284,11 +321,13 @@ def main(argv: list[str] | None = None) -> int:
                     [
                         (~torch.isfinite(loss)).float(),
                         torch.tensor(float(stop.requested), device=device),
+                        torch.tensor(float(batch["skipped"]), device=device),
                         loss.detach().float().nan_to_num(0.0, 0.0, 0.0),
                         *(v.float().nan_to_num(0.0, 0.0, 0.0) for v in parts.values()),
                     ]
                 )
                 values = accelerator.reduce(values, "sum")
+                state.skipped_samples += int(values[2])  # the same total on every rank
                 if values[0] == 0:
                     accelerator.backward(loss / group)
             if values[0] > 0:  # some rank saw NaN/inf: every rank drops this update
@@ -302,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                     b,
                     state.bad_steps,
                 )
+                check_batchnorm_finite(model, epoch, b)
                 if bad_in_a_row > cfg.train.max_bad_steps:
                     raise RuntimeError(
                         f"{bad_in_a_row} consecutive non-finite losses (train.max_bad_steps="
@@ -309,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
             else:
                 bad_in_a_row = 0
-                sums = values[2:] if sums.numel() == 0 else sums + values[2:]
+                sums = values[3:] if sums.numel() == 0 else sums + values[3:]
                 summed += 1
             window_images += len(batch["key"]) * world
             images_seen += len(batch["key"]) * world
@@ -377,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     save_checkpoint(accelerator, run_dir, state, cfg.train.keep_last)
                     progress.close()
+                    if writer is not None:
+                        writer.close()
                     log.warning(
                         "checkpoint saved; exiting with code %d so the job can be requeued", EXIT_REQUEUE
                     )
@@ -389,39 +431,24 @@ def main(argv: list[str] | None = None) -> int:
                     save_checkpoint(accelerator, run_dir, state, cfg.train.keep_last)
         train_seconds += time.perf_counter() - window_start
 
-        # ------------------------------------------------------------ validate, save
+        # ------------------------------------------------------------ save, then validate
+        # The checkpoint comes first: a preemption during a long validation then loses nothing, and
+        # the resumed run validates this epoch before going on (pending_validation).
         state.epoch, state.batch = epoch + 1, 0
-        if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
-            result = validate(accelerator, model, cfg, manifest, "val")
-            miou = result.report.miou
-            state.history.append({"epoch": epoch + 1, "updates": state.updates, "val_miou": miou})
-            log.info(
-                "epoch %d validation: mIoU %.4f (%.4f without background), pixel accuracy %.4f",
-                epoch + 1,
-                miou,
-                result.report.macro_no_background["iou"],
-                result.report.pixel_accuracy,
-            )
-            if writer is not None:
-                log_validation(writer, result, state.updates, names)
-            if miou > state.best_miou:
-                state.best_miou, state.best_epoch = miou, epoch + 1
-                if accelerator.is_main_process:
-                    export_model(
-                        accelerator.unwrap_model(model),
-                        run_dir / "best",
-                        names,
-                        metrics={"val_miou": miou, "epoch": epoch + 1},
-                    )
-        save_checkpoint(accelerator, run_dir, state, cfg.train.keep_last)
+        state.pending_validation = (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs
+        checkpoint = save_checkpoint(accelerator, run_dir, state, cfg.train.keep_last)
+        if state.pending_validation:
+            validate_epoch(accelerator, model, cfg, manifest, state, writer, run_dir)
+            if accelerator.is_main_process:
+                write_state(checkpoint, state)
     progress.close()
     check_replicas(accelerator, model)
 
     # ---------------------------------------------------------------- final evaluation
     if accelerator.is_main_process:
-        export_model(accelerator.unwrap_model(model), run_dir / "final", names)
+        export_model(bare_model(accelerator, model), run_dir / "final", names)
     accelerator.wait_for_everyone()
-    bare = accelerator.unwrap_model(model)
+    bare = bare_model(accelerator, model)
     if (run_dir / "best" / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
@@ -469,9 +496,44 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def validate_epoch(
+    accelerator: Accelerator, model, cfg: Config, manifest, state: TrainerState, writer, run_dir: Path
+) -> None:
+    """Validation of the epoch that just ended: history, TensorBoard, and the best export."""
+    result = validate(accelerator, model, cfg, manifest, "val")
+    miou = result.report.miou
+    state.history.append({"epoch": state.epoch, "updates": state.updates, "val_miou": miou})
+    state.pending_validation = False
+    log.info(
+        "epoch %d validation: mIoU %.4f (%.4f without background), pixel accuracy %.4f",
+        state.epoch,
+        miou,
+        result.report.macro_no_background["iou"],
+        result.report.pixel_accuracy,
+    )
+    if writer is not None:
+        log_validation(writer, result, state.updates, manifest.classes)
+    if miou > state.best_miou:
+        state.best_miou, state.best_epoch = miou, state.epoch
+        if accelerator.is_main_process:
+            metrics = {"val_miou": miou, "epoch": state.epoch}
+            export_model(bare_model(accelerator, model), run_dir / "best", manifest.classes, metrics=metrics)
+
+
+def check_batchnorm_finite(model: torch.nn.Module, epoch: int, batch: int) -> None:
+    """A skipped step undoes nothing the forward pass wrote: NaN activations leave NaN running statistics."""
+    for name, buffer in model.named_buffers():
+        if buffer.is_floating_point() and not torch.isfinite(buffer).all():
+            raise RuntimeError(
+                f"{name} became non-finite at epoch {epoch} batch {batch}: the model is unusable from here; "
+                "resume from the last checkpoint with a lower optim.lr (or optim.mixed_precision=bf16 instead of fp16)"
+            )
+
+
 def validate(accelerator: Accelerator, model, cfg: Config, manifest, split: str) -> EvalResult:
+    sync_buffers(accelerator, model)
     return evaluate_split(
-        accelerator.unwrap_model(model),
+        bare_model(accelerator, model),
         cfg.data,
         manifest,
         split,

@@ -44,3 +44,20 @@ def test_predict_any_size_and_carry_on_after_bad_files(exported, tmp_path, caplo
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
         find_images([str(tmp_path / "nope.jpg")])
+
+
+def test_inputs_that_would_overwrite_each_other_are_refused(exported, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (32, 32)).save(tmp_path / folder / "x.jpg")
+    with pytest.raises(SystemExit, match="same outputs"):
+        main(
+            [
+                "--checkpoint",
+                str(exported),
+                str(tmp_path / "a"),
+                str(tmp_path / "b"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )

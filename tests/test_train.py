@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, clean_env, run_training, training_cmd
+from conftest import ROOT, accelerate_cmd, clean_env, run_training, training_cmd
 from safetensors.torch import load_file
 
 from modaseg.checkpoint import list_checkpoints, read_state
@@ -53,6 +53,32 @@ def test_run_finishes_with_checkpoints_tensorboard_and_summary(baseline):
     history = summary["history"]
     assert history[0]["updates"] == 0
     assert max(h["val_miou"] for h in history[1:]) > history[0]["val_miou"]
+
+
+def test_validation_scores_the_model_that_is_saved(baseline, shard_dir, tmp_path):
+    """The best export, evaluated on its own by modaseg-eval with the same 2-process split, gives exactly
+    the validation mIoU training recorded (each rank validates rank 0's BatchNorm statistics)."""
+    summary = json.loads((baseline / "summary.json").read_text())
+    out = tmp_path / "eval"
+    cmd = [
+        *accelerate_cmd(2),
+        "-m",
+        "modaseg.evaluate",
+        "--checkpoint",
+        str(baseline / "best"),
+        "--shards",
+        str(shard_dir),
+        "--split",
+        "val",
+        "--workers",
+        "1",
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["macro"]["iou"] == summary["best_val_miou"]
 
 
 def test_tensorboard_has_scalars_images_and_config(baseline):
