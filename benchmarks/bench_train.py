@@ -20,6 +20,7 @@ from modaseg.config import LossConfig, ModelConfig
 from modaseg.losses import CompositeLoss, class_weights
 from modaseg.metrics import ConfusionMatrix
 from modaseg.model import build_model, preprocess
+from modaseg.train import tune_cpu_allocator
 
 
 def main() -> None:
@@ -30,7 +31,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--default-malloc", action="store_true", help="skip the trainer's CPU allocator tuning")
     args = p.parse_args()
+    if not args.default_malloc:
+        tune_cpu_allocator()  # what modaseg/train.py does on CPU
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     C = 14
