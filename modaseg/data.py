@@ -25,9 +25,11 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import random
 import signal
 import tarfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import astuple, dataclass
 from functools import partial
@@ -594,18 +596,26 @@ def eval_loader(
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Preemption signals are for the training process, which checkpoints and then ends its workers
-    (close_train_loaders). SLURM (scancel --signal) and torchrun signal every process of the job, and
-    torch's worker handler exits on a SIGTERM that does not come from the parent: the trainer would
-    crash on a dead worker instead of saving."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Preemption signals are for the training process, which checkpoints and then ends its workers.
+    SLURM (scancel --signal) and torchrun signal every process of the job, and torch's worker handler
+    exits on any SIGTERM, so the trainer would crash on a dead worker instead of saving. Here a worker
+    exits on a SIGTERM only when its parent sends it (DataLoader shutdown, multiprocessing at exit) and
+    ignores the others, the same test torch's own handler makes on the sender, inverted."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+    parent = os.getppid()
+
+    def wait_for_parent_terminate() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_parent_terminate, name="sigterm-from-parent", daemon=True).start()
 
 
 def close_train_loaders() -> None:
-    """End the persistent training workers through the DataLoader's own shutdown (a sentinel, then
-    join). Call before the process exits: at interpreter exit, multiprocessing would end them with a
-    SIGTERM, which they ignore, and wait for them forever."""
+    """End the persistent training workers now, through the DataLoader's own shutdown (a sentinel,
+    then join), rather than leave it to garbage collection at exit."""
     for loader, _ in _train_loaders.values():
         iterator = loader._iterator  # torch keeps the persistent workers' iterator here
         if iterator is not None:

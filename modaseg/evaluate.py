@@ -104,7 +104,7 @@ def write_report_files(result: EvalResult, out_dir: Path, title: str) -> dict[st
     from modaseg.visualize import confusion_figure, iou_bar_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = save_report(result.report, out_dir, stem="metrics")
+    paths = save_report(result.report, out_dir, stem="metrics", title=title)
     np.savetxt(out_dir / "confusion.csv", result.matrix, fmt="%d", delimiter=",")
     names = list(result.report.class_names)
     fig = confusion_figure(result.matrix, names)

@@ -287,7 +287,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_report(report: Report, out_dir: str | Path, stem: str = "metrics") -> dict[str, Path]:
+def save_report(
+    report: Report, out_dir: str | Path, stem: str = "metrics", title: str = "Segmentation metrics"
+) -> dict[str, Path]:
     """Write `stem`.json (everything, reloadable), `stem`.csv and `stem`.md into `out_dir`."""
     if not stem or Path(stem).name != stem or stem in (".", ".."):
         raise ValueError(f"report stem {stem!r} must be a plain file name without folders")
@@ -296,7 +298,7 @@ def save_report(report: Report, out_dir: str | Path, stem: str = "metrics") -> d
     paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "md": out / f"{stem}.md"}
     _write_atomic(paths["json"], json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
     _write_atomic(paths["csv"], to_csv(report))
-    _write_atomic(paths["md"], to_markdown(report))
+    _write_atomic(paths["md"], to_markdown(report, title))
     return paths
 
 

@@ -81,6 +81,8 @@ def test_eval_matches_a_direct_computation_and_writes_reports(exported, shard_di
     )
     for name in ("metrics.json", "metrics.csv", "metrics.md", "confusion.png", "iou.png", "confusion.csv"):
         assert (out / name).stat().st_size > 0
+    title = (out / "metrics.md").read_text().splitlines()[0]
+    assert f"test: {read_manifest(shard_dir).splits['test'].num_samples} images" in title
     printed = capsys.readouterr().out
     assert "Precision" in printed and "background" in printed and "scarf/tie" in printed
 
