@@ -105,3 +105,24 @@ def run_training(
     return subprocess.run(
         cmd, cwd=ROOT, env=env or clean_env(), capture_output=True, text=True, timeout=timeout
     )
+
+
+def _gloo_entry(index: int, world_size: int, port: int, fn, args: tuple) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=index, world_size=world_size)
+    try:
+        fn(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(fn, args: tuple = (), world_size: int = 2) -> None:
+    """Run `fn(*args)` in `world_size` fresh processes joined over gloo. Spawned, not forked: a fork
+    after this pytest process has run autograd elsewhere (e.g. an ONNX export) breaks autograd in the
+    children, which debug_launcher's fork cannot avoid."""
+    import torch.multiprocessing as tmp
+
+    tmp.start_processes(
+        _gloo_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, start_method="spawn"
+    )

@@ -11,7 +11,7 @@ import pytest
 import segmentation_models_pytorch.losses as smp_losses
 import torch
 import torch.nn.functional as F
-from accelerate import debug_launcher
+from conftest import spawn_gloo
 from segmentation_models_pytorch.losses._functional import softmax_focal_loss_with_logits
 
 from modaseg.config import LossConfig
@@ -436,7 +436,7 @@ def test_dice_global_two_processes_equals_one_process_on_the_whole_batch():
     expected = soft_dice_loss(x, target, weights)
     expected.backward()
     with tempfile.TemporaryDirectory() as tmp:
-        debug_launcher(_dice_global_worker, args=(tmp,), num_processes=2)
+        spawn_gloo(_dice_global_worker, args=(tmp,))
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     grads = torch.cat([r["grad"] for r in ranks])
     for r in ranks:
