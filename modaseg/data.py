@@ -602,6 +602,8 @@ def _ignore_stop_signals(worker_id: int) -> None:
     exits on a SIGTERM only when its parent sends it (DataLoader shutdown, multiprocessing at exit) and
     ignores the others, the same test torch's own handler makes on the sender, inverted."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # not POSIX (e.g. macOS): keep torch's handler
+        return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
     parent = os.getppid()
 
