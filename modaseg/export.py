@@ -36,6 +36,7 @@ from modaseg.model import (
     STD,
     STRIDE,
     export_model,
+    is_export,
     load_for_inference,
     pad_to_stride,
     predict_logits,
@@ -221,13 +222,9 @@ def check_onnx(
     return results, name
 
 
-def _is_export(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / EXPORT_META).is_file()
-
-
 def check_out_dir(out: Path) -> None:
     """`export_model` replaces the folder: refuse one that holds anything but a previous export."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_export(out))):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_export(out))):
         raise ExportError(
             f"--out {out}: exists and is not a modaseg export (config.json + {EXPORT_META}); it would be "
             "replaced. Choose a new or empty folder."

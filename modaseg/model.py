@@ -122,6 +122,11 @@ def predict_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) ->
 EXPORT_META = "modaseg.json"
 
 
+def is_export(path: str | Path) -> bool:
+    """A folder written by `export_model`: SMP's config.json plus modaseg.json."""
+    return (Path(path) / "config.json").is_file() and (Path(path) / EXPORT_META).is_file()
+
+
 def export_model(
     model: nn.Module, out_dir: str | Path, class_names: list[str], metrics: dict | None = None
 ) -> Path:
@@ -132,7 +137,7 @@ def export_model(
     import shutil
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / EXPORT_META).is_file():
+    if out_dir.exists() and any(out_dir.iterdir()) and not is_export(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not a modaseg export: refusing to replace it")
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -161,7 +166,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
     from modaseg.config import load_config
 
     path = Path(path).resolve()
-    if (path / "config.json").is_file() and (path / EXPORT_META).is_file():
+    if is_export(path):
         model = smp.from_pretrained(str(path))
         names = json.loads((path / EXPORT_META).read_text())["classes"]
     elif (path / "model.safetensors").is_file() and (path.parents[1] / "config.yaml").is_file():
