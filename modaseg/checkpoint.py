@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from modaseg.console import UserError
+
 log = logging.getLogger("modaseg")
 
 STATE_NAME = "trainer_state.json"
 PREFIX = "step-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint where one was asked for."""
 
 

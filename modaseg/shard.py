@@ -68,6 +68,7 @@ from pycocotools import mask as mask_utils
 
 from modaseg import __version__
 from modaseg.classes import IGNORE_INDEX, LabelSpace
+from modaseg.console import UserError
 from modaseg.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -103,7 +104,7 @@ _COUNT_KEYS = (
 )
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """The input (annotation file, image source, options) is unusable: one clear message, exit code 2."""
 
 

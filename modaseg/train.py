@@ -39,7 +39,7 @@ from modaseg.evaluate import EvalResult, evaluate_split, write_report_files
 from modaseg.losses import CompositeLoss, class_weights
 from modaseg.manifest import check_shards, read_manifest
 from modaseg.metrics import render_table
-from modaseg.model import EXPORT_META, build_model, export_model, preprocess
+from modaseg.model import EXPORT_META, build_model, export_model, input_normalization, preprocess
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpoint saved after a signal; run the same command again
 # Fault injection for tests and drills: comma-separated global batch indices whose loss becomes NaN.
@@ -226,6 +226,7 @@ def train(cfg: Config) -> int:
         (run_dir / EXPORT_META).write_text(json.dumps({"classes": names}, indent=1))
 
     model = build_model(cfg.model, num_classes)
+    normalization = input_normalization(cfg.model)
     if cfg.model.sync_batchnorm and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.compile:
@@ -343,7 +344,9 @@ def train(cfg: Config) -> int:
             is_update = (b + 1) % accum == 0 or b + 1 == num_batches
             group = min(accum, num_batches - (b // accum) * accum)  # the last group may be short
 
-            images = preprocess(batch["image"].to(device, non_blocking=True), cfg.model.channels_last)
+            images = preprocess(
+                batch["image"].to(device, non_blocking=True), normalization, cfg.model.channels_last
+            )
             target = batch["mask"].to(device, non_blocking=True).long()  # uint8 on the host: 8x less to copy
             sync = contextlib.nullcontext() if is_update else accelerator.no_sync(model)
             with sync:
@@ -483,7 +486,7 @@ def train(cfg: Config) -> int:
 
     # ---------------------------------------------------------------- final evaluation
     if accelerator.is_main_process:
-        export_model(bare_model(accelerator, model), run_dir / "final", names)
+        export_model(bare_model(accelerator, model), run_dir / "final", names, input_normalization(cfg.model))
     accelerator.wait_for_everyone()
     bare = bare_model(accelerator, model)
     if (run_dir / "best" / "model.safetensors").is_file():
@@ -554,7 +557,13 @@ def validate_epoch(
         state.best_miou, state.best_epoch = miou, state.epoch
         if accelerator.is_main_process:
             metrics = {"val_miou": miou, "epoch": state.epoch}
-            export_model(bare_model(accelerator, model), run_dir / "best", manifest.classes, metrics=metrics)
+            export_model(
+                bare_model(accelerator, model),
+                run_dir / "best",
+                manifest.classes,
+                input_normalization(cfg.model),
+                metrics=metrics,
+            )
 
 
 def check_batchnorm_finite(model: torch.nn.Module, epoch: int, batch: int) -> None:
@@ -581,6 +590,7 @@ def validate(accelerator: Accelerator, model, cfg: Config, manifest, split: str)
         tta_flip=cfg.eval.tta_flip,
         channels_last=cfg.model.channels_last,
         keep_samples=cfg.train.overlay_samples if accelerator.is_main_process else 0,
+        normalization=input_normalization(cfg.model),
     )
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from modaseg.config import ModelConfig
 from modaseg.evaluate import main as eval_main
 from modaseg.manifest import read_manifest
-from modaseg.model import build_model, export_model, pad_to_stride, preprocess
+from modaseg.model import IMAGENET, build_model, export_model, pad_to_stride, preprocess
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def exported(shard_dir, tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(ModelConfig(encoder="resnet18"), read_manifest(shard_dir).num_classes).eval()
     return export_model(
-        model, tmp_path_factory.mktemp("model") / "export", list(read_manifest(shard_dir).classes)
+        model, tmp_path_factory.mktemp("model") / "export", list(read_manifest(shard_dir).classes), IMAGENET
     )
 
 

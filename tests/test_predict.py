@@ -9,7 +9,7 @@ from PIL import Image
 
 from modaseg.classes import MODANET
 from modaseg.config import ModelConfig
-from modaseg.model import build_model, export_model
+from modaseg.model import IMAGENET, build_model, export_model
 from modaseg.predict import find_images, main
 
 
@@ -17,7 +17,7 @@ from modaseg.predict import find_images, main
 def exported(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(ModelConfig(encoder="resnet18"), MODANET.num_classes).eval()
-    return export_model(model, tmp_path_factory.mktemp("model") / "export", list(MODANET.names))
+    return export_model(model, tmp_path_factory.mktemp("model") / "export", list(MODANET.names), IMAGENET)
 
 
 def test_predict_any_size_and_carry_on_after_bad_files(exported, tmp_path, caplog):

@@ -1,0 +1,89 @@
+"""What a user sees of a run: one-line errors, progress bars, log set-up.
+
+Every CLI's `main` goes through `run_cli`: a `UserError` (a bad config value, a missing shard folder, a
+checkpoint that does not fit the model, ...) is one line on stderr and exit status 2, printed once even
+under `accelerate launch` with several processes; anything else keeps its traceback, because it is a bug.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem with what the user gave (config, paths, files, options): reported as one line, exit 2.
+    The message names the thing and, where there is one, what to do."""
+
+
+def process_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun/accelerate: RANK; SLURM's srun:
+    SLURM_PROCID), 0 when not launched as one of several processes."""
+    for var in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def run_cli(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run a CLI's main: UserError -> `prog: error: message` on stderr (rank 0 only), exit 2."""
+    try:
+        return main(argv)
+    except UserError as e:
+        if process_rank() == 0:
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def progress_bar(enabled: bool, *fields: str):
+    """A rich progress bar on stderr (description, bar, done/total, `fields` as extra text columns,
+    elapsed, remaining); disabled when `enabled` is false or stderr is not a terminal (log files and
+    SLURM output get the periodic log lines instead)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *(TextColumn(f) for f in fields),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not (enabled and sys.stderr.isatty()),
+    )
+
+
+def setup_logging(main_process: bool, rank: int = 0, log_file: str | os.PathLike | None = None) -> None:
+    """Main process: rich on a terminal, plain lines otherwise (SLURM output files), plus `log_file`.
+    Other ranks: warnings only, tagged with their rank."""
+    handlers: list[logging.Handler] = []
+    plain = logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(message)s", "%H:%M:%S")
+    if main_process and sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handlers.append(RichHandler(show_path=False))
+    else:
+        handlers.append(logging.StreamHandler(sys.stderr))
+        handlers[-1].setFormatter(plain)
+    if main_process and log_file is not None:
+        handlers.append(logging.FileHandler(log_file))
+        handlers[-1].setFormatter(plain)
+    logging.basicConfig(
+        level=logging.INFO if main_process else logging.WARNING, handlers=handlers, force=True
+    )

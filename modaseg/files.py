@@ -1,0 +1,99 @@
+"""Files, written so that no reader ever sees half of one, and read so that nothing outside the folder
+the user named is opened.
+
+Every module that writes a result (shards, manifests, reports, checkpoints' state, exports' metadata)
+writes it here: a temporary name in the same folder, flushed to disk, then renamed over the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside `path` durable (a crash after os.replace may otherwise undo it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and a rename. The temporary name
+    carries the pid, so two processes (or an orphaned worker) never write the same temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        with open(tmp, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(
+    path: str | Path, obj: object, *, indent: int | None = 1, sort_keys: bool = False
+) -> Path:
+    """JSON that is valid by construction: NaN and infinity are refused (they are not JSON) instead of
+    being written as bare `NaN` that strict readers reject; callers turn them into null first."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=False)
+    return write_atomic(path, text + "\n")
+
+
+def json_safe(value: object) -> object:
+    """A copy of `value` with every non-finite float replaced by None (JSON null)."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+class UnsafeFileError(OSError):
+    """A file that must not be read: outside its folder, or not a regular file (FIFO, device, folder)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def inside(folder: str | Path, path: str | Path) -> bool:
+    """Whether `path`, with every symlink resolved, lies inside `folder` (also resolved)."""
+    root = os.path.realpath(folder)
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def read_inside(folder: str | Path, name: str | Path) -> bytes:
+    """The bytes of the regular file `folder/name`. Raises UnsafeFileError for a path that resolves
+    outside `folder` (a symlink out of it, `..`) or that is not a regular file: a FIFO would block the
+    reader forever, a device could be endless. FileNotFoundError when it does not exist."""
+    path = Path(folder) / name
+    if not inside(folder, path):
+        raise UnsafeFileError("outside_folder", f"{path} resolves outside {folder}")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFileError("not_a_regular_file", f"{path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def file_fingerprint(path: str | Path) -> tuple[int, int]:
+    """(size, mtime in ns): what changes when a file is replaced or edited, without reading it."""
+    info = os.stat(path)
+    return info.st_size, info.st_mtime_ns
