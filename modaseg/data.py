@@ -47,6 +47,7 @@ from modaseg.augment import seed_transform, train_transform
 from modaseg.classes import IGNORE_INDEX
 from modaseg.config import AugmentConfig, DataConfig
 from modaseg.console import UserError
+from modaseg.images import decode_image, decode_mask
 from modaseg.manifest import Manifest, ManifestError, check_shards
 
 log = logging.getLogger(__name__)
@@ -270,25 +271,6 @@ def repeat_by_factor(samples: Iterable[dict], factors: Sequence[float], rng: ran
         n = int(r) + (rng.random() < r - int(r))
         for _ in range(n):
             yield sample
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded JPEG or PNG (grey, RGB, RGBA, CMYK, 16 bit) -> HxWx3 uint8 RGB. EXIF orientation is not
-    applied: the label map was drawn on the stored pixel grid."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if img is None:
-        raise ValueError("image bytes do not decode")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def decode_mask(data: bytes) -> np.ndarray:
-    """Single-channel 8-bit PNG -> HxW uint8; anything else is an error, never a silent conversion."""
-    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        raise ValueError("label map bytes do not decode")
-    if mask.ndim != 2 or mask.dtype != np.uint8:
-        raise ValueError(f"label map is {mask.dtype} with shape {mask.shape}, expected single-channel uint8")
-    return mask
 
 
 def decode_samples(samples: Iterable[dict], num_classes: int, on_error: ErrorFn) -> Iterator[dict]:
