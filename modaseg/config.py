@@ -93,7 +93,9 @@ class OptimConfig:
     warmup_steps: int = 0  # optimizer updates
     grad_accum: int = 1
     grad_clip: float = 1.0  # max global norm; 0 = off
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 where the device computes it natively, fp16 on older GPUs, else fp32 (modaseg/hardware.py).
+    # "no", false and "fp32" all mean full precision.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
 
 @dataclass
@@ -128,8 +130,18 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# Spellings that mean the same setting. YAML 1.1 reads an unquoted `no` as false, so
+# `optim.mixed_precision=no` arrives as False.
+ALIASES: dict[str, dict[Any, Any]] = {
+    "optim.mixed_precision": {False: "no", "false": "no", "fp32": "no", "none": "no", None: "no"},
+}
+
+
 def _check_value(key: str, hint: Any, value: Any) -> Any:
     """Return `value` converted to `hint`, or raise ConfigError naming `key`."""
+    aliases = ALIASES.get(key, {})
+    if isinstance(value, bool | str | None) and value in aliases:
+        value = aliases[value]
     origin = typing.get_origin(hint)
     if origin is Literal:
         if value not in typing.get_args(hint):
