@@ -36,6 +36,7 @@ from modaseg.checkpoint import TrainerState, checkpoint_root, resume, save_check
 from modaseg.config import Config, OptimConfig, load_config, save_config, to_dict
 from modaseg.data import batches_per_epoch, class_exposure, close_train_loaders, train_loader
 from modaseg.evaluate import EvalResult, evaluate_split, write_report_files
+from modaseg.hardware import resolve_precision
 from modaseg.losses import CompositeLoss, class_weights
 from modaseg.manifest import check_shards, read_manifest
 from modaseg.metrics import render_table
@@ -205,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: Config) -> int:
     # ---------------------------------------------------------------- set up
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.optim.mixed_precision)
+    on_cuda = torch.cuda.is_available()
+    precision = resolve_precision(cfg.optim.mixed_precision, torch.device("cuda" if on_cuda else "cpu"))
+    accelerator = Accelerator(cpu=not on_cuda, mixed_precision=precision.mode)
     run_dir = Path(cfg.train.output_dir)
     setup_logging(accelerator, run_dir)
     stop = StopRequest()
@@ -254,7 +257,7 @@ def train(cfg: Config) -> int:
         "accumulation %d (global batch %d), %d updates in all",
         world,
         device,
-        cfg.optim.mixed_precision,
+        f"{precision.label} ({precision.reason})",
         train_info.num_samples,
         num_batches,
         cfg.data.batch_size,
