@@ -9,8 +9,10 @@ to every run, so a run can be reproduced from its own directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +31,9 @@ class DataConfig:
     shards: str = "shards/demo"  # folder with manifest.json written by modaseg-shard
     batch_size: int = 4  # per process
     eval_batch_size: int = 4
-    workers: int = 2  # DataLoader workers per process
+    # DataLoader workers per process; auto = from the cores this process may use (affinity, cgroup quota,
+    # shared by the local ranks) and the step rate (modaseg/hardware.py)
+    workers: int | Literal["auto"] = "auto"
     prefetch_factor: int = 2
     pin_memory: bool = True
     shuffle_buffer: int = 256
@@ -112,6 +116,13 @@ class TrainConfig:
     log_every: int = 10  # batches
     overlay_samples: int = 4  # validation overlays written to TensorBoard
     validate_before_training: bool = False  # a step-0 baseline on the curves
+    # Samples per forward/backward; data.batch_size x optim.grad_accum per update stays what was asked.
+    # auto: on a GPU the largest that fits its memory (searched at start-up); on CPU data.batch_size.
+    micro_batch: int | Literal["auto"] = "auto"
+    # auto: a GPU when one is usable and none asked for explicitly, else the CPU; cuda: a GPU or an error
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    collective_timeout_minutes: float = 30.0  # NCCL/gloo: a rank waiting longer on the others fails
+    deterministic: bool = False  # deterministic kernels (slower on GPU); CPU runs are deterministic anyway
 
 
 @dataclass
@@ -232,22 +243,95 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {rule}, got {value!r}")
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a type alone cannot express."""
+    """Ranges and cross-field rules a type cannot express, checked at load time: a bad value fails here,
+    naming its key, before any folder is written, not an epoch later."""
+    checks: list[tuple[str, Any, Callable[[Any], bool], str]] = [
+        ("data.shards", cfg.data.shards, bool, "must name a shard folder"),
+        ("data.batch_size", cfg.data.batch_size, lambda v: v >= 1, "must be >= 1"),
+        ("data.eval_batch_size", cfg.data.eval_batch_size, lambda v: v >= 1, "must be >= 1"),
+        ("data.workers", cfg.data.workers, lambda v: v == "auto" or v >= 0, "must be auto or >= 0"),
+        ("data.prefetch_factor", cfg.data.prefetch_factor, lambda v: v >= 1, "must be >= 1"),
+        ("data.shuffle_buffer", cfg.data.shuffle_buffer, lambda v: v >= 0, "must be >= 0"),
+        ("data.repeat_threshold", cfg.data.repeat_threshold, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        ("data.max_corrupt_samples", cfg.data.max_corrupt_samples, lambda v: v >= 0, "must be >= 0"),
+        ("augment.scale_min", cfg.augment.scale_min, lambda v: v > 0, "must be > 0"),
+        ("loss.focal_gamma", cfg.loss.focal_gamma, lambda v: v >= 0, "must be >= 0"),
+        ("loss.class_weight_power", cfg.loss.class_weight_power, lambda v: v >= 0, "must be >= 0"),
+        ("loss.effective_beta", cfg.loss.effective_beta, lambda v: 0 < v < 1, "must be in (0, 1)"),
+        ("loss.class_weight_max_ratio", cfg.loss.class_weight_max_ratio, lambda v: v >= 1, "must be >= 1"),
+        ("optim.lr", cfg.optim.lr, lambda v: v > 0, "must be > 0"),
+        ("optim.weight_decay", cfg.optim.weight_decay, lambda v: v >= 0, "must be >= 0"),
+        ("optim.momentum", cfg.optim.momentum, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        ("optim.poly_power", cfg.optim.poly_power, lambda v: v > 0, "must be > 0"),
+        ("optim.warmup_steps", cfg.optim.warmup_steps, lambda v: v >= 0, "must be >= 0"),
+        ("optim.grad_accum", cfg.optim.grad_accum, lambda v: v >= 1, "must be >= 1"),
+        ("optim.grad_clip", cfg.optim.grad_clip, lambda v: v >= 0, "must be >= 0 (0 = off)"),
+        ("train.output_dir", cfg.train.output_dir, bool, "must name a run folder"),
+        ("train.seed", cfg.train.seed, lambda v: 0 <= v < 2**32, "must be in 0..2**32-1"),
+        ("train.epochs", cfg.train.epochs, lambda v: v >= 1, "must be >= 1"),
+        (
+            "train.steps_per_epoch",
+            cfg.train.steps_per_epoch,
+            lambda v: v >= 0,
+            "must be >= 0 (0 = from the data)",
+        ),
+        ("train.val_every", cfg.train.val_every, lambda v: v >= 1, "must be >= 1 (epochs)"),
+        (
+            "train.checkpoint_every",
+            cfg.train.checkpoint_every,
+            lambda v: v >= 0,
+            "must be >= 0 (0 = epoch ends)",
+        ),
+        ("train.keep_last", cfg.train.keep_last, lambda v: v >= 0, "must be >= 0 (0 = keep all)"),
+        ("train.max_bad_steps", cfg.train.max_bad_steps, lambda v: v >= 0, "must be >= 0"),
+        ("train.log_every", cfg.train.log_every, lambda v: v >= 1, "must be >= 1"),
+        ("train.overlay_samples", cfg.train.overlay_samples, lambda v: v >= 0, "must be >= 0"),
+        ("train.resume", cfg.train.resume, bool, "must be auto, none or a checkpoint folder"),
+        ("train.micro_batch", cfg.train.micro_batch, lambda v: v == "auto" or v >= 1, "must be auto or >= 1"),
+        (
+            "train.collective_timeout_minutes",
+            cfg.train.collective_timeout_minutes,
+            lambda v: v > 0,
+            "must be > 0",
+        ),
+    ]
+    for name in ("hflip_p", "color_jitter_p", "blur_p", "noise_p"):
+        checks.append(
+            (f"augment.{name}", getattr(cfg.augment, name), lambda v: 0 <= v <= 1, "must be in [0, 1]")
+        )
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section.name}.{f.name}: {value!r} is not a finite number")
+    for key, value, ok, rule in checks:
+        _require(ok(value), key, rule, value)
     d = cfg.data
     for key, size in (("data.crop_height", d.crop_height), ("data.crop_width", d.crop_width)):
         if size <= 0 or size % 32:
             raise ConfigError(f"{key}: {size} must be a positive multiple of 32 (the U-Net downsamples 5x)")
-    for key in ("batch_size", "eval_batch_size"):
-        if getattr(d, key) < 1:
-            raise ConfigError(f"data.{key}: must be >= 1")
-    if cfg.optim.grad_accum < 1:
-        raise ConfigError("optim.grad_accum: must be >= 1")
-    if cfg.augment.scale_min <= 0 or cfg.augment.scale_min > cfg.augment.scale_max:
+    if cfg.augment.scale_min > cfg.augment.scale_max:
         raise ConfigError("augment.scale_min/scale_max: need 0 < scale_min <= scale_max")
     weights = (cfg.loss.ce, cfg.loss.focal, cfg.loss.dice, cfg.loss.lovasz)
     if any(w < 0 for w in weights) or not any(weights):
         raise ConfigError("loss: component weights (ce, focal, dice, lovasz) must be >= 0 and not all 0")
+    micro = cfg.train.micro_batch
+    if micro != "auto" and d.batch_size % micro:
+        raise ConfigError(
+            f"train.micro_batch: {micro} must divide data.batch_size={d.batch_size} (the optimizer sees "
+            "data.batch_size x optim.grad_accum samples per update whatever the micro-batch)"
+        )
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, as it will be saved in the run folder."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def to_dict(cfg: Config) -> dict:
@@ -255,4 +339,6 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from modaseg.files import write_atomic
+
+    write_atomic(path, dump_config(cfg))

@@ -1,9 +1,12 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
-from modaseg.config import Config, ConfigError, load_config, save_config, to_dict
+from modaseg.config import Config, ConfigError, dump_config, load_config, save_config, to_dict
 
-CONFIGS = sorted((__import__("pathlib").Path(__file__).parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -41,6 +44,19 @@ def test_overrides_are_typed():
         ("loss.class_weights=median", "loss.class_weights: 'median' is not one of"),
         ("data.crop_height=100", "data.crop_height: 100 must be a positive multiple of 32"),
         ("optim.grad_accum=0", "optim.grad_accum: must be >= 1"),
+        ("train.val_every=0", "train.val_every: must be >= 1"),
+        ("optim.lr=0", "optim.lr: must be > 0, got 0.0"),
+        ("optim.lr=-1e-3", "optim.lr: must be > 0"),
+        ("data.workers=-1", "data.workers: must be auto or >= 0, got -1"),
+        ("data.workers=many", "data.workers: 'many'"),
+        ("data.batch_size=0", "data.batch_size: must be >= 1"),
+        ("train.epochs=0", "train.epochs: must be >= 1"),
+        ("train.seed=-1", "train.seed: must be in 0"),
+        ("augment.hflip_p=1.5", "augment.hflip_p: must be in"),
+        ("optim.lr=.nan", "optim.lr: nan is not a finite number"),
+        ("train.micro_batch=3", "train.micro_batch: 3 must divide data.batch_size=4"),
+        ("train.micro_batch=0", "train.micro_batch: must be auto or >= 1"),
+        ("optim.mixed_precision=yes", "optim.mixed_precision: True is not one of"),
         ("data=3", "data: expected a mapping"),
         ("justakey", "is not of the form section.key=value"),
     ],
@@ -73,3 +89,15 @@ def test_saved_config_round_trips(tmp_path):
     assert to_dict(load_config(tmp_path / "config.yaml")) == to_dict(cfg)
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 0.01
     assert to_dict(Config()) != to_dict(cfg)
+
+
+@pytest.mark.parametrize("spelling", ["no", "false", "fp32", '"no"', "False"])
+def test_full_precision_spellings(spelling):
+    """YAML reads an unquoted `no` as false: every spelling of full precision means "no"."""
+    assert load_config(None, [f"optim.mixed_precision={spelling}"]).optim.mixed_precision == "no"
+
+
+def test_dump_config_round_trips(tmp_path):
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["optim.lr=3e-4", "data.workers=0"])
+    (tmp_path / "c.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "c.yaml") == cfg
