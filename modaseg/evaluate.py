@@ -11,8 +11,10 @@ No collective runs per batch, so ranks with more samples than others never stall
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,10 @@ import torch
 from torch import nn
 
 from modaseg.config import DataConfig
+from modaseg.console import UserError, run_cli
 from modaseg.data import eval_loader
+from modaseg.files import write_atomic
+from modaseg.hardware import PRECISIONS, resolve_precision
 from modaseg.manifest import Manifest, check_shards, read_manifest
 from modaseg.metrics import ConfusionMatrix, Report, compute_report, load_report, render_table, save_report
 from modaseg.model import IMAGENET, Normalization, load_for_inference, predict_logits, preprocess
@@ -54,19 +59,25 @@ def evaluate_split(
     channels_last: bool = False,
     keep_samples: int = 0,
     normalization: Normalization = IMAGENET,
-) -> EvalResult:
-    """`model` must be the bare module (not DDP-wrapped): evaluation runs no per-batch collective."""
+    should_stop: Callable[[], bool] | None = None,
+) -> EvalResult | None:
+    """`model` must be the bare module (not DDP-wrapped): evaluation runs no per-batch collective.
+    `should_stop` (a preemption request) is polled per batch: a rank that sees it stops reading, and
+    when any rank stopped every rank returns None (the trainer then exits for requeue)."""
     check_shards(manifest, data.shards, split)
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(manifest.num_classes, device=device, ignore_index=manifest.ignore_index)
-    count = 0
+    count, aborted = 0, False
     samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for batch in eval_loader(
         data, manifest, data.shards, split, rank=rank, world_size=world_size, mask_dtype=torch.uint8
     ):
         images = batch["image"].to(device, non_blocking=True)
         target = batch["mask"].to(device, non_blocking=True).long()
+        if should_stop is not None and should_stop():
+            aborted = True
+            break
         x = preprocess(images, normalization, channels_last)
         if autocast is not None:
             with autocast():
@@ -86,36 +97,41 @@ def evaluate_split(
                     pred[i, :h, :w].cpu().numpy().astype(np.uint8),
                 )
             )
-    matrix.reduce()
-    total = torch.tensor(count, device=device)
-    if world_size > 1:
-        torch.distributed.all_reduce(total)
-    expected = manifest.splits[split].num_samples
-    if int(total) != expected:
-        raise RuntimeError(
-            f"evaluated {int(total)} samples of split {split!r}, the manifest lists {expected}"
-        )
     model.train(was_training)
+    totals = torch.tensor([count, int(aborted)], device=device)
+    if world_size > 1:
+        torch.distributed.all_reduce(totals)
+    total, stopped = (int(v) for v in totals.tolist())
+    if stopped:
+        return None
+    matrix.reduce()
+    expected = manifest.splits[split].num_samples
+    if total != expected:
+        raise RuntimeError(f"evaluated {total} samples of split {split!r}, the manifest lists {expected}")
     m = matrix.matrix.cpu().numpy()
-    return EvalResult(compute_report(m, manifest.classes), m, int(total), samples)
+    return EvalResult(compute_report(m, manifest.classes), m, total, samples)
 
 
 def write_report_files(result: EvalResult, out_dir: Path, title: str) -> dict[str, Path]:
-    """JSON/CSV/Markdown tables, the confusion heatmap and the IoU bar chart."""
+    """JSON/CSV/Markdown tables, the confusion heatmap and the IoU bar chart, each written whole
+    (temporary name, then renamed) over the files of an earlier evaluation into the same folder."""
+    import matplotlib.pyplot as plt
+
     from modaseg.visualize import confusion_figure, iou_bar_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = save_report(result.report, out_dir, stem="metrics", title=title)
-    np.savetxt(out_dir / "confusion.csv", result.matrix, fmt="%d", delimiter=",")
+    text = io.StringIO()
+    np.savetxt(text, result.matrix, fmt="%d", delimiter=",")
+    paths["confusion_csv"] = write_atomic(out_dir / "confusion.csv", text.getvalue())
     names = list(result.report.class_names)
-    fig = confusion_figure(result.matrix, names)
-    fig.savefig(out_dir / "confusion.png", dpi=120)
-    fig = iou_bar_figure(list(result.report.iou), names)
-    fig.savefig(out_dir / "iou.png", dpi=120)
-    import matplotlib.pyplot as plt
-
+    figures = {"confusion": confusion_figure(result.matrix, names)}
+    figures["iou"] = iou_bar_figure(list(result.report.iou), names)
+    for name, fig in figures.items():
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=120)
+        paths[name] = write_atomic(out_dir / f"{name}.png", png.getvalue())
     plt.close("all")
-    paths.update(confusion=out_dir / "confusion.png", iou=out_dir / "iou.png")
     return paths
 
 
@@ -154,24 +170,69 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", help="folder for metrics.{json,csv,md}, confusion.png, iou.png")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="data loader processes per rank (0: in-process)")
     p.add_argument("--tta-flip", action="store_true", help="average with the horizontally flipped prediction")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument(
+        "--mixed-precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: bf16 where the device computes it natively, else fp16 on older GPUs, fp32 on CPU",
+    )
     p.add_argument("--compare", help="another run's metrics.json: print per-class differences")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def check_args(args: argparse.Namespace) -> Report | None:
+    """The options and the --compare report, checked before anything runs: a mistake costs a second,
+    not a whole evaluation. Returns the --compare report."""
+    for option, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+        if value < least:
+            raise UserError(f"{option} {value}: must be at least {least}")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if args.compare is None:
+        return None
+    compare = Path(args.compare)
+    if not compare.is_file():
+        raise UserError(f"--compare {compare}: no such file (give the metrics.json of an earlier --out)")
+    if out is not None and (out / "metrics.json").resolve() == compare.resolve():
+        raise UserError(
+            f"--compare {compare} is the metrics.json this run writes into --out; use another --out"
+        )
+    try:
+        other = load_report(compare)
+        compare_table(other, other)  # every field the comparison reads, read once now
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise UserError(f"--compare {compare}: not a metrics.json written by modaseg-eval ({e})") from e
+    return other
+
+
+def run(argv: list[str] | None) -> int:
     from accelerate import Accelerator
     from rich.console import Console
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
+    other = check_args(args)
+    try:
+        precision = resolve_precision(
+            args.mixed_precision, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
+    except ValueError as e:
+        raise UserError(f"--mixed-precision {args.mixed_precision}: {e}") from e
     manifest = read_manifest(args.shards)
+    check_shards(manifest, args.shards, args.split)
+    if other is not None and list(other.class_names) != list(manifest.classes):
+        raise UserError(f"--compare {args.compare}: its classes differ from the shards' {manifest.classes}")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision.mode)
+    log.info("mixed precision %s (%s)", precision.label, precision.reason)
     model, names, normalization = load_for_inference(args.checkpoint, accelerator.device)
     if list(names) != list(manifest.classes):
-        raise SystemExit(f"the model's classes {names} differ from the shards' classes {manifest.classes}")
+        raise UserError(
+            f"--checkpoint {args.checkpoint}: the model's classes {names} differ from the classes of "
+            f"--shards {args.shards} {manifest.classes}; evaluate it on shards of its own classes"
+        )
     data = DataConfig(shards=args.shards, eval_batch_size=args.batch_size, workers=args.workers)
     result = evaluate_split(
         model,
@@ -194,10 +255,14 @@ def main(argv: list[str] | None = None) -> int:
             console.print(
                 f"reports written to {Path(args.out)}: " + ", ".join(p.name for p in paths.values())
             )
-        if args.compare:
-            console.print(compare_table(result.report, load_report(args.compare), f"this vs {args.compare}"))
+        if other is not None:
+            console.print(compare_table(result.report, other, f"this vs {args.compare}"))
     accelerator.end_training()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("modaseg-eval", run, argv)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ and optionally ONNX, checked against PyTorch before it is kept.
     output "logits": float32 [N, C, H, W]; labels = logits.argmax(1), class names in the file's
                      metadata ("classes", JSON) and in modaseg.json
 
-Inside the graph: the input normalisation of `modaseg.model.preprocess` (the model's own, from modaseg.json), zero padding (bottom/right) to
-a multiple of 32 and cropping back, exactly what `modaseg-predict` does. The file is kept only if ONNX
-Runtime (or, without it, onnx's reference evaluator) gives the PyTorch logits on two input sizes.
+Inside the graph: the input normalisation of `modaseg.model.preprocess` (the model's own, from
+modaseg.json), zero padding (bottom/right) to a multiple of 32 and cropping back, exactly what
+`modaseg-predict` does. The file is kept only if ONNX Runtime (or, without it, onnx's reference evaluator)
+gives the PyTorch logits on two input sizes.
+
+Exporting an export again (into itself or elsewhere) keeps its metrics (SMP's model card, modaseg.json).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -30,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modaseg.console import UserError
+from modaseg.console import UserError, run_cli
 from modaseg.model import (
     EXPORT_META,
     STRIDE,
@@ -271,10 +275,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="modaseg-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--checkpoint", required=True, help="RUN/best, RUN/final, RUN/checkpoints/step-N, ...")
     p.add_argument(
-        "--checkpoint", required=True, help="an export (RUN/best, RUN/final) or RUN/checkpoints/step-N"
+        "--out", required=True, help="output folder: new, empty, or an export (replaced; may be --checkpoint)"
     )
-    p.add_argument("--out", required=True, help="output folder (new, empty, or a previous export: replaced)")
     p.add_argument("--onnx", action="store_true", help=f"also write {ONNX_NAME} and check it against PyTorch")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
     p.add_argument("--height", type=int, default=96, help="height of the example traced and checked")
@@ -288,26 +292,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def read_export_metrics(folder: Path) -> dict | None:
+    """The metrics an export records, so that exporting it again (into itself or elsewhere) keeps them:
+    modaseg.json's `metrics`, or for exports written before modaseg.json held them, the JSON block of
+    the README model card that SMP's save_pretrained writes. None for a training checkpoint."""
+    meta, card = folder / EXPORT_META, folder / "README.md"
+    if not is_export(folder):
+        return None
+    try:
+        metrics = json.loads(meta.read_text()).get("metrics")
+        if metrics is None and card.is_file():
+            block = re.search(r"## Model metrics\s*```json\n(.*?)\n```", card.read_text(), re.DOTALL)
+            metrics = json.loads(block.group(1)) if block else None
+    except (OSError, ValueError, AttributeError) as e:
+        raise ExportError(f"{folder}: its metrics ({meta.name}, {card.name}) are unreadable: {e}") from e
+    if metrics is not None and not isinstance(metrics, dict):
+        raise ExportError(f"{folder}: metrics in {meta.name} must be a JSON object, not {metrics!r:.60}")
+    return metrics
+
+
+def run(argv: list[str] | None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    try:
-        check_out_dir(out)
-        if args.onnx:
-            check_onnx_options(args.opset, args.height, args.width)
-        if not Path(args.checkpoint).is_dir():
-            raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such folder")
-        model, names, normalization = load_for_inference(args.checkpoint, "cpu")
-        model = model.float().to(memory_format=torch.contiguous_format)
-        export_model(model, out, names, normalization)
-        print(f"{out}: config.json + model.safetensors + {EXPORT_META} ({len(names)} classes)")
-        if not args.onnx:
-            return 0
-        results, runtime = export_onnx_checked(
-            model, out, names, normalization, args.opset, args.height, args.width, args.runtime
-        )
-    except (ExportError, FileNotFoundError) as e:
-        raise SystemExit(f"modaseg-export: {e}") from e
+    check_out_dir(out)
+    if args.onnx:
+        check_onnx_options(args.opset, args.height, args.width)
+    source = Path(args.checkpoint)
+    if not source.is_dir():
+        raise ExportError(f"--checkpoint {source}: no such folder")
+    # Everything is read from the source before anything is written: --out may be the source itself.
+    model, names, normalization = load_for_inference(source, "cpu")
+    metrics = read_export_metrics(source)
+    model = model.float().to(memory_format=torch.contiguous_format)
+    export_model(model, out, names, normalization, metrics)
+    kept = f"; metrics kept: {', '.join(metrics)}" if metrics else ""
+    print(f"{out}: config.json + model.safetensors + {EXPORT_META} ({len(names)} classes{kept})")
+    if not args.onnx:
+        return 0
+    results, runtime = export_onnx_checked(
+        model, out, names, normalization, args.opset, args.height, args.width, args.runtime
+    )
     print(f"ONNX check with {runtime} against PyTorch (CPU, float32):")
     for r in results:
         print("  " + r.line())
@@ -319,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"{out / ONNX_NAME}: opset {args.opset}, input image uint8 [N,3,H,W] RGB, output logits [N,C,H,W]")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("modaseg-export", run, argv)
 
 
 if __name__ == "__main__":

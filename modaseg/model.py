@@ -266,13 +266,15 @@ def export_model(
     metrics: dict | None = None,
 ) -> Path:
     """Save in SMP's `save_pretrained` layout (config.json + model.safetensors), loadable without
-    modaseg by `segmentation_models_pytorch.from_pretrained(out_dir)`, plus `modaseg.json` (class names
-    and the input normalisation). Written to a temporary folder and renamed: never half an export."""
+    modaseg by `segmentation_models_pytorch.from_pretrained(out_dir)`, plus `modaseg.json` (class names,
+    the input normalisation and `metrics`, which SMP keeps only in its README model card). Written to a
+    temporary folder and renamed: never half an export. `out_dir` may be the export the model was loaded
+    from (the model is in memory by then); it is resolved first, so `.` or a path ending in `..` work."""
     import shutil
 
-    from modaseg.files import write_json_atomic
+    from modaseg.files import json_safe, write_json_atomic
 
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     if out_dir.exists() and any(out_dir.iterdir()) and not is_export(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not a modaseg export: refusing to replace it")
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
@@ -286,6 +288,8 @@ def export_model(
         "stride": STRIDE,
         "input": "RGB uint8 / 255, then (x - mean) / std per channel",
     }
+    if metrics is not None:
+        meta["metrics"] = json_safe(metrics)  # NaN (a class never seen) becomes null: valid JSON
     write_json_atomic(tmp / EXPORT_META, meta)
     old = out_dir.with_name(f".old-{out_dir.name}")
     if out_dir.exists():  # moved aside, not deleted, until the new one is in place
@@ -314,28 +318,58 @@ def _export_normalization(meta: dict) -> Normalization:
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> Inference:
     """Load an export (`RUN/best`, `RUN/final`) or a training checkpoint (`RUN/checkpoints/step-N`,
-    whose run folder holds config.yaml and modaseg.json)."""
+    whose run folder holds config.yaml and modaseg.json). Whatever is wrong with the folder (a missing or
+    truncated weights file, a config.json SMP cannot build, class names that do not fit the weights) is a
+    UserError that names it. Nothing is downloaded: the weights file holds every weight."""
+    import contextlib
+    import io
+
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from modaseg.config import load_config
 
     path = Path(path).resolve()
-    if is_export(path):
-        model = smp.from_pretrained(str(path))
-        meta = json.loads((path / EXPORT_META).read_text())
-        names, normalization = meta["classes"], _export_normalization(meta)
-    elif (path / "model.safetensors").is_file() and (path.parents[1] / "config.yaml").is_file():
-        run = path.parents[1]
-        names = json.loads((run / EXPORT_META).read_text())["classes"]
-        cfg = load_config(run / "config.yaml")
-        normalization = input_normalization(cfg.model)
-        cfg.model.encoder_weights = None  # the checkpoint holds every weight: no package or file needed
-        model = build_model(cfg.model, len(names))
-        state = load_file(str(path / "model.safetensors"))  # keys of a compiled run start with _orig_mod.
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
-    else:
-        raise FileNotFoundError(
+    run = path.parents[1] if len(path.parents) > 1 else path
+    export = is_export(path)
+    if not export and not ((path / "model.safetensors").is_file() and (run / "config.yaml").is_file()):
+        raise UserError(
             f"{path} is neither a modaseg export (config.json + {EXPORT_META}) nor a training checkpoint "
             "(model.safetensors inside RUN/checkpoints/ with RUN/config.yaml)"
         )
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{path}: no model.safetensors (the weights); export the run again")
+    try:
+        if export:
+            # encoder_weights=None: an encoder first initialised from "imagenet" would be downloaded again
+            with contextlib.redirect_stdout(io.StringIO()):  # the hub mixin prints a line to stdout
+                model = smp.from_pretrained(str(path), encoder_weights=None)
+            meta = json.loads((path / EXPORT_META).read_text())
+            names, normalization = meta["classes"], _export_normalization(meta)
+            outputs = json.loads((path / "config.json").read_text())["classes"]
+        else:
+            names = json.loads((run / EXPORT_META).read_text())["classes"]
+            cfg = load_config(run / "config.yaml")
+            normalization = input_normalization(cfg.model)
+            cfg.model.encoder_weights = None  # the checkpoint holds every weight: no package or file needed
+            model = build_model(cfg.model, len(names))
+            state = load_file(str(weights))  # keys of a compiled run start with _orig_mod.
+            model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
+            outputs = len(names)
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+            raise ValueError(f"{EXPORT_META}: classes must be a list of names, not {names!r:.80}")
+        if len(names) != outputs:
+            raise ValueError(f"{EXPORT_META} names {len(names)} classes, the model has {outputs} outputs")
+        stats = [*normalization.mean, *normalization.std]
+        if len(stats) != 6 or not all(isinstance(v, int | float) for v in stats) or min(stats[3:]) <= 0:
+            raise ValueError(f"{EXPORT_META}: mean and std must be 3 numbers each, std > 0")
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as e:
+        why = " ".join(str(e).split())[:300]  # load_state_dict's message spans many lines
+        raise UserError(
+            f"{path}: cannot load the model ({type(e).__name__}: {why}); is it a complete export or "
+            "checkpoint? Export it again, or copy it again if it was copied"
+        ) from e
     return Inference(model.to(device).eval(), names, normalization)

@@ -14,7 +14,10 @@ from modaseg.classes import IGNORE_COLOR, IGNORE_INDEX, palette
 
 
 def colorize(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """uint8 label map [H,W] -> RGB [H,W,3] with the fixed palette (ignore in white)."""
+    """Label map [H,W] -> RGB [H,W,3] with the fixed palette (ignore in white). Values of a wider integer
+    type must lie in 0..255: 256 would wrap to background and be drawn as such, so it is refused."""
+    if labels.dtype != np.uint8 and labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError(f"labels {labels.min()}..{labels.max()} outside 0..255 cannot be drawn")
     lut = np.zeros((256, 3), dtype=np.uint8)
     lut[:num_classes] = np.array(palette(num_classes), dtype=np.uint8)
     lut[IGNORE_INDEX] = IGNORE_COLOR
@@ -23,6 +26,8 @@ def colorize(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 def overlay(image: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float = 0.5) -> np.ndarray:
     """Blend the colour mask over the photo; background pixels keep the photo untouched."""
+    if image.shape[:2] != labels.shape:
+        raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
     colour = colorize(labels, num_classes).astype(np.float32)
     out = image.astype(np.float32)
     fg = (labels != 0) & (labels != IGNORE_INDEX)

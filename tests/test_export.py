@@ -4,6 +4,8 @@ for photos of any size (checked here by hand, independently of the exporter's ow
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -50,14 +52,6 @@ def reference_logits(model: nn.Module, images: np.ndarray) -> np.ndarray:
     x = F.pad(torch.from_numpy(x), (0, -w % 32, 0, -h % 32))
     with torch.no_grad():
         return model(x)[:, :, :h, :w].numpy()
-
-
-def test_save_pretrained_round_trip(exported, model):
-    plain = smp.from_pretrained(str(exported)).eval()  # no modaseg involved
-    x = torch.randn(1, 3, 64, 96)
-    with torch.no_grad():
-        assert torch.equal(plain(x), model(x))
-    assert json.loads((exported / EXPORT_META).read_text())["classes"] == NAMES
 
 
 def test_onnx_logits_match_torch_on_two_sizes(exported, model):
@@ -133,25 +127,74 @@ def test_training_checkpoint_is_exported(tmp_path, model):
     assert not (tmp_path / "out" / ONNX_NAME).exists()  # only with --onnx
 
 
-def test_bad_checkpoint_path_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match=r"--checkpoint .*nowhere: no such folder"):
-        main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match=r"empty is neither a modaseg export .* nor a training checkpoint"):
-        main(["--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
-    assert not (tmp_path / "out").exists()
+def test_reexport_keeps_weights_classes_and_metrics(model, tmp_path, capsys):
+    """Into itself (RUN/best -> RUN/best) and elsewhere, from an export that keeps its metrics in
+    modaseg.json and from an older one that has them only in SMP's README model card."""
+    best, copy = tmp_path / "best", tmp_path / "copy"
+    metrics = {"val_miou": 0.25, "epoch": 3}
+    export_model(model, best, NAMES, IMAGENET, metrics=metrics)
+    meta = json.loads((best / EXPORT_META).read_text())
+    del meta["metrics"]  # as written before modaseg.json held them
+    (best / EXPORT_META).write_text(json.dumps(meta))
+    for source, out in [(best, best), (best, copy), (copy, copy)]:
+        assert main(["--checkpoint", str(source), "--out", str(out)]) == 0
+        assert "metrics kept: val_miou, epoch" in capsys.readouterr().out
+        assert json.loads((out / EXPORT_META).read_text())["metrics"] == metrics
+        assert json.loads((out / EXPORT_META).read_text())["classes"] == NAMES
+        assert '"val_miou": 0.25' in (out / "README.md").read_text()
+        plain = smp.from_pretrained(str(out)).eval()  # no modaseg involved
+        x = torch.randn(1, 3, 64, 96)
+        with torch.no_grad():
+            assert torch.equal(plain(x), model(x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "copy"]  # no temporary folder left
 
 
-def test_refuses_to_replace_a_folder_that_is_not_an_export(tmp_path, exported):
-    precious = tmp_path / "run"
-    precious.mkdir()
-    (precious / "config.yaml").write_text("keep me")
-    with pytest.raises(SystemExit, match="not a modaseg export"):
-        main(["--checkpoint", str(exported), "--out", str(precious)])
-    assert (precious / "config.yaml").read_text() == "keep me"
+def _truncated(tmp_path, exported):
+    copy = tmp_path / "truncated"
+    shutil.copytree(exported, copy, ignore=shutil.ignore_patterns("model.safetensors"))
+    (copy / "model.safetensors").write_bytes((exported / "model.safetensors").read_bytes()[:1000])
+    return copy
 
 
-def test_opset_below_the_exporters_minimum_is_refused(tmp_path, exported):
-    with pytest.raises(SystemExit, match="--opset 17"):
-        main(["--checkpoint", str(exported), "--out", str(tmp_path / "out"), "--onnx", "--opset", "17"])
-    assert not (tmp_path / "out").exists()
+def _folder_with(name: str, content: str):
+    def make(tmp_path, exported):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(content)
+        return tmp_path / name
+
+    return make
+
+
+# (case, (tmp_path, export) -> (checkpoint, out, extra options), what the one line says)
+REFUSED = [
+    (
+        "missing checkpoint",
+        lambda t, e: (t / "nowhere", t / "out", []),
+        r"--checkpoint .*nowhere: no such folder",
+    ),
+    (
+        "checkpoint a folder of something else",
+        lambda t, e: (_folder_with("other/notes.txt", "")(t, e).parent, t / "out", []),
+        r"other is neither a modaseg export .* nor a training checkpoint",
+    ),
+    ("truncated weights", lambda t, e: (_truncated(t, e), t / "out", []), "SafetensorError"),
+    (
+        "--out a folder that is not an export",
+        lambda t, e: (e, _folder_with("run/config.yaml", "keep me")(t, e).parent, []),
+        "not a modaseg export",
+    ),
+    ("--out a file", lambda t, e: (e, _folder_with("out.txt", "keep me")(t, e), []), "not a modaseg export"),
+    ("--opset 17", lambda t, e: (e, t / "out", ["--onnx", "--opset", "17"]), "--opset 17"),
+    ("--height 1", lambda t, e: (e, t / "out", ["--onnx", "--height", "1"]), "must be at least 2x2"),
+]
+
+
+@pytest.mark.parametrize(("make", "expected"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+def test_refused_in_one_line_before_anything_is_written(exported, tmp_path, capsys, make, expected):
+    checkpoint, out, extra = make(tmp_path, exported)
+    before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("modaseg-export: error: ")
+    assert re.search(expected, err.splitlines()[-1]) and "Traceback" not in err
+    assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before

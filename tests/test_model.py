@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import segmentation_models_pytorch as smp
 import torch
@@ -14,6 +16,7 @@ from modaseg.model import (
     input_normalization,
     load_for_inference,
     pad_to_stride,
+    predict_logits,
     preprocess,
 )
 
@@ -76,6 +79,39 @@ def test_export_loads_without_modaseg_and_gives_the_same_logits(tmp_path, model)
         assert torch.allclose(plain(x), model(x), atol=1e-6)
         assert torch.allclose(loaded(x), model(x), atol=1e-6)
     assert loaded_names == names
+
+
+def test_export_records_metrics_and_loads_offline_whatever_its_encoder_was_initialised_from(tmp_path, model):
+    """Metrics go to modaseg.json too (NaN as null), and an export of a model first built from SMP's
+    "imagenet" weights (config.json says so) loads without the download those weights would need."""
+    names = [f"c{i}" for i in range(14)]
+    out = export_model(
+        model, tmp_path / "best", names, IMAGENET, metrics={"val_miou": float("nan"), "epoch": 2}
+    )
+    assert json.loads((out / "modaseg.json").read_text())["metrics"] == {"val_miou": None, "epoch": 2}
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "encoder_weights": "imagenet"}))
+    loaded, _, _ = load_for_inference(out)  # HF_HUB_OFFLINE=1: a download attempt would fail
+    x = preprocess(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_flip_tta_averages_the_mirrored_prediction(model):
+    x = preprocess(
+        torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    )
+    with torch.no_grad():
+        plain, mirrored = model(x), model(x.flip(-1)).flip(-1)
+    tta = predict_logits(model, x, tta_flip=True)
+    assert torch.allclose(tta, (plain + mirrored) / 2, atol=1e-6)
+    assert (tta - plain).abs().max() > 1e-2  # an asymmetric input: the mirror changes the logits
+    symmetric = torch.cat([x[..., :48], x[..., :48].flip(-1)], -1)  # equal to its own mirror
+    with torch.no_grad():
+        alone = model(symmetric)
+    tta = predict_logits(model, symmetric, tta_flip=True)
+    assert torch.allclose(tta, tta.flip(-1), atol=1e-5)  # so its TTA prediction is mirror-symmetric
+    assert (alone - alone.flip(-1)).abs().max() > 1e-2  # which the model alone is not
 
 
 def test_export_refuses_to_replace_a_folder_that_is_not_an_export(tmp_path, model):
