@@ -6,19 +6,21 @@ never waits on a rank that ran out of data. Everything random in a worker (shard
 rounding, shuffle buffer, augmentation) comes from one RNG derived from (seed, epoch, rank, worker):
 a run resumed at an epoch boundary sees the batches an uninterrupted run would have seen.
 
-Evaluation: shards are split by rank without resampling and the samples of a rank's shards are dealt
-round-robin to its workers, so every sample of the split is seen exactly once, at its original
-resolution. A corrupt sample is an error there: an evaluation that silently skips samples reports
+Evaluation: the split's samples (in manifest order) are cut into one contiguous block per rank, and a
+rank's samples are dealt round-robin to its workers, so every sample of the split is seen exactly once,
+at its original resolution, and every rank has work whatever the number of shards. A corrupt sample is an error there: an evaluation that silently skips samples reports
 wrong numbers. In training it is skipped, counted (`batch["skipped"]`) and logged with shard and key.
 
 Only the fields the sharder wrote are decoded, with explicit decoders (never webdataset's default
 decoders, which unpickle `.pyd` fields and turn single-channel PNG label maps into RGB).
 Images stay uint8: normalisation happens on the device (smaller host->device copies). The loaders are
-plain DataLoaders and must not go through `accelerator.prepare()` (see ../shared/notes/stack.md).
+plain DataLoaders and must not go through `accelerator.prepare()`: with a WebDataset stream it either
+crashes or drops samples (accelerate 1.x); batches are moved to the device by the trainer.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import json
@@ -31,7 +33,7 @@ import signal
 import tarfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ from modaseg.augment import seed_transform, train_transform
 from modaseg.classes import IGNORE_INDEX
 from modaseg.config import AugmentConfig, DataConfig
 from modaseg.console import UserError
+from modaseg.hardware import plan_workers
 from modaseg.images import decode_image, decode_mask
 from modaseg.manifest import Manifest, ManifestError, check_shards
 
@@ -438,28 +441,58 @@ class TrainStream(IterableDataset):
         return itertools.islice(iter(pipeline), count)
 
 
+@dataclass(frozen=True)
+class ShardSlice:
+    """Samples [start, stop) of one shard (of `total` samples, for the truncation check)."""
+
+    url: str
+    start: int
+    stop: int
+    total: int
+
+
+def rank_slices(counts: Mapping[str, int], rank: int, world_size: int) -> list[ShardSlice]:
+    """Rank `rank`'s contiguous block of the split's samples (in manifest order), as shard slices. Blocks
+    differ in size by at most one sample, so every rank has work at any rank count (not only when there
+    are more shards than ranks), and each rank opens only the one or two shards its block spans."""
+    total = sum(counts.values())
+    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+    slices, offset = [], 0
+    for url, n in counts.items():
+        start, stop = max(lo - offset, 0), min(hi - offset, n)
+        if start < stop:
+            slices.append(ShardSlice(url, start, stop, n))
+        offset += n
+    return slices
+
+
+def read_slices(slices: Iterable[ShardSlice], on_error: ErrorFn) -> Iterator[dict]:
+    """The samples of each slice; a shard is read only up to the end of its slice."""
+    for s in slices:
+        yield from itertools.islice(_read_shard(s.url, s.total, on_error), s.start, s.stop)
+
+
 class EvalStream(IterableDataset):
-    """One rank's share of a split: its shards in manifest order, samples dealt round-robin to the
-    workers (balanced whatever the shard count; a worker with nothing to do just ends)."""
+    """One rank's block of a split, its samples dealt round-robin to the workers (a worker with nothing
+    to do just ends)."""
 
     def __init__(
         self,
-        shards: Mapping[str, int],
+        slices: Sequence[ShardSlice],
         batch_size: int,
         num_classes: int,
         mask_dtype: torch.dtype = torch.int64,
     ):
         super().__init__()
-        self.mask_dtype = mask_dtype
-        self.shards = dict(shards)
+        self.slices = list(slices)
         self.batch_size = batch_size
         self.num_classes = num_classes
+        self.mask_dtype = mask_dtype
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
         pipeline = wds.DataPipeline(
-            lambda: ({"url": url} for url in self.shards),  # wds.SimpleShardList fails on a rank with none
-            partial(read_shards, expected=self.shards, on_error=raise_corrupt),
+            lambda: read_slices(self.slices, raise_corrupt),
             lambda samples: itertools.islice(samples, worker, None, workers),
             partial(parse_meta, num_classes=self.num_classes, on_error=raise_corrupt),
             partial(decode_samples, num_classes=self.num_classes, on_error=raise_corrupt),
@@ -471,73 +504,42 @@ class EvalStream(IterableDataset):
 # ---------------------------------------------------------------------------------------------- loaders
 
 
-class _Epoch:
-    """One epoch of a cached training loader: sets the shared epoch when iteration starts."""
-
-    def __init__(self, loader: DataLoader, epoch_value: Any, epoch: int, num_batches: int):
-        self.loader, self.epoch_value, self.epoch, self.num_batches = loader, epoch_value, epoch, num_batches
-
-    def __iter__(self) -> Iterator[dict]:
-        self.epoch_value.value = self.epoch
-        return iter(self.loader)
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-
-_train_loaders: dict[tuple, tuple[DataLoader, Any]] = {}
-
-
 def _shard_counts(manifest: Manifest, root: str | Path, split: str) -> dict[str, int]:
     paths = check_shards(manifest, root, split)
     return {str(p): s.num_samples for p, s in zip(paths, manifest.splits[split].shards, strict=True)}
 
 
-def train_loader(
-    data: DataConfig,
-    aug: AugmentConfig,
-    manifest: Manifest,
-    root: str | Path,
-    *,
-    rank: int,
-    world_size: int,
-    seed: int,
-    epoch: int,
-    num_batches: int,
-    mask_dtype: torch.dtype = torch.int64,
-) -> Iterable[dict]:
-    """Exactly `num_batches` batches per rank (split over the workers), deterministic in
-    (seed, epoch, rank, worker, workers): {"image" uint8 [B,3,H,W], "mask" int64 [B,H,W], "key",
-    "skipped" (corrupt samples skipped by that worker since its previous batch)}.
+class TrainLoader:
+    """One rank's training batches, epoch after epoch: exactly `num_batches` per epoch (split over the
+    workers), deterministic in (seed, epoch, rank, worker, workers): {"image" uint8 [B,3,H,W], "mask"
+    [B,H,W] of `mask_dtype`, "key", "skipped" (corrupt samples skipped by that worker since its
+    previous batch)}. The workers persist across epochs (`set_epoch` before each); `close` ends them.
 
-    Calls for successive epochs with otherwise equal arguments reuse one DataLoader, so persistent
-    workers survive from epoch to epoch. Rare-class sampling: data.repeat_threshold (0 = off).
-    `mask_dtype=torch.uint8` makes masks 8x smaller on the host and in the host->device copy (then
-    `.long()` on the device): at 576x384 the int64 masks cost 0.1-0.5 ms per sample to build, plus
-    their transfer from the worker processes.
+    Rare-class sampling: data.repeat_threshold (0 = off). `mask_dtype=torch.uint8` makes masks 8x
+    smaller on the host and in the host->device copy (then `.long()` on the device).
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-    key = (
-        str(Path(root).resolve()),
-        json.dumps([s.name for s in manifest.splits["train"].shards]),
-        astuple(data),
-        astuple(aug),
-        rank,
-        world_size,
-        seed,
-        num_batches,
-        mask_dtype,
-    )
-    cached = _train_loaders.get(key)
-    if cached is None:
-        _train_loaders.clear()  # drops the previous loader and its workers
+
+    def __init__(
+        self,
+        data: DataConfig,
+        aug: AugmentConfig,
+        manifest: Manifest,
+        root: str | Path,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_batches: int,
+        mask_dtype: torch.dtype = torch.int64,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         counts = {url: n for url, n in _shard_counts(manifest, root, "train").items() if n > 0}
         if not counts:
-            raise ManifestError(f"the train split in {root} has no samples")
+            raise ManifestError(f"the train split in {root} has no samples: shard a dataset with some")
         info = manifest.splits["train"]
         factors = repeat_factors(info.class_images, info.num_samples, data.repeat_threshold)
-        epoch_value = multiprocessing.get_context().Value("q", epoch, lock=False)
+        self._epoch = multiprocessing.get_context().Value("q", 0, lock=False)  # read by the workers
         stream = TrainStream(
             data,
             aug,
@@ -547,13 +549,35 @@ def train_loader(
             rank=rank,
             seed=seed,
             num_batches=num_batches,
-            epoch=epoch_value,
+            epoch=self._epoch,
             mask_dtype=mask_dtype,
         )
-        cached = (_data_loader(stream, data, persistent=True), epoch_value)
-        _train_loaders[key] = cached
-    loader, epoch_value = cached
-    return _Epoch(loader, epoch_value, epoch, num_batches)
+        self.num_batches = num_batches
+        self._loader: DataLoader | None = _data_loader(stream, data, persistent=True)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration yields (the workers read it when iteration starts)."""
+        self._epoch.value = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._loader is None:
+            raise RuntimeError("TrainLoader is closed")
+        return iter(self._loader)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def close(self) -> None:
+        """End the persistent workers now: dropping the DataLoader drops its worker iterator, whose
+        shutdown (a sentinel per worker, a join, terminate for a straggler) runs right away."""
+        self._loader = None
+        gc.collect()
+
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def eval_loader(
@@ -566,24 +590,24 @@ def eval_loader(
     world_size: int,
     mask_dtype: torch.dtype = torch.int64,
 ) -> Iterable[dict]:
-    """Every sample of `split` exactly once across the ranks (rank r reads shards r, r + world_size, ...),
-    at the original resolution padded to a multiple of 32 (image 0, mask 255) and to the batch's
-    largest size: {"image" uint8, "mask" int64, "key", "size" [(h, w)]}. Corrupt data raises
-    CorruptDataError naming shard and key."""
+    """Every sample of `split` exactly once across the ranks (rank r reads the r-th contiguous block of
+    the split's samples), at the original resolution padded to a multiple of 32 (image 0, mask 255) and
+    to the batch's largest size: {"image" uint8, "mask" int64, "key", "size" [(h, w)]}. Corrupt data
+    raises CorruptDataError naming shard and key."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-    counts = _shard_counts(manifest, root, split)
-    mine = dict(list(counts.items())[rank::world_size])
-    stream = EvalStream(mine, data.eval_batch_size, manifest.num_classes, mask_dtype)
+    slices = rank_slices(_shard_counts(manifest, root, split), rank, world_size)
+    stream = EvalStream(slices, data.eval_batch_size, manifest.num_classes, mask_dtype)
     return _data_loader(stream, data, persistent=False)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """Preemption signals are for the training process, which checkpoints and then ends its workers.
     SLURM (scancel --signal) and torchrun signal every process of the job, and torch's worker handler
-    exits on any SIGTERM, so the trainer would crash on a dead worker instead of saving. Here a worker
-    exits on a SIGTERM only when its parent sends it (DataLoader shutdown, multiprocessing at exit) and
-    ignores the others, the same test torch's own handler makes on the sender, inverted."""
+    exits on any SIGTERM, so the trainer would crash on a dead worker instead of saving (in training or
+    in validation). Here a worker exits on a SIGTERM only when its parent sends it (DataLoader shutdown,
+    multiprocessing at exit) and ignores the others, the same test torch's own handler makes on the
+    sender, inverted."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):  # not POSIX (e.g. macOS): keep torch's handler
         return
@@ -598,25 +622,11 @@ def _ignore_stop_signals(worker_id: int) -> None:
     threading.Thread(target=wait_for_parent_terminate, name="sigterm-from-parent", daemon=True).start()
 
 
-def close_train_loaders() -> None:
-    """End the persistent training workers now, through the DataLoader's own shutdown (a sentinel,
-    then join), rather than leave it to garbage collection at exit."""
-    for loader, _ in _train_loaders.values():
-        iterator = loader._iterator  # torch keeps the persistent workers' iterator here
-        if iterator is not None:
-            iterator._shutdown_workers()
-            for worker in iterator._workers:
-                if worker.is_alive():
-                    worker.kill()
-            loader._iterator = None
-    _train_loaders.clear()
-
-
 def _data_loader(dataset: IterableDataset, data: DataConfig, persistent: bool) -> DataLoader:
-    workers = data.workers
+    workers = data.workers if isinstance(data.workers, int) else plan_workers(None)[0]
     return DataLoader(
         dataset,
-        worker_init_fn=_ignore_stop_signals if persistent else None,
+        worker_init_fn=_ignore_stop_signals,
         batch_size=None,  # the streams batch themselves
         num_workers=workers,
         prefetch_factor=data.prefetch_factor if workers > 0 else None,

@@ -141,6 +141,13 @@ def keys(batches) -> list[str]:
     return [k for b in batches for k in b["key"]]
 
 
+def train_batches(data: DataConfig, aug: AugmentConfig, manifest, root, *, epoch: int, **kw) -> list[dict]:
+    """One epoch of a fresh TrainLoader (its workers closed afterwards)."""
+    with D.TrainLoader(data, aug, manifest, root, **kw) as loader:
+        loader.set_epoch(epoch)
+        return list(loader)
+
+
 @pytest.fixture(scope="module")
 def uneven(tmp_path_factory) -> tuple[Path, Manifest]:
     """3 train shards (5, 4, 3 samples) and 3 val shards (7, 5, 3 samples) of different image sizes."""
@@ -223,34 +230,6 @@ def test_stream_seed_is_stable_and_distinct():
     assert len(seeds) == 24
 
 
-# ------------------------------------------------------------------------------------------ decoding
-
-
-@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
-def test_decode_image_any_jpeg_mode_to_rgb(mode):
-    image = np.zeros((16, 24, 3), np.uint8)
-    image[:, 12:] = (200, 40, 40)
-    out = D.decode_image(encode(image, "JPEG", mode))
-    assert out.shape == (16, 24, 3) and out.dtype == np.uint8
-    reference = np.asarray(Image.open(io.BytesIO(encode(image, "JPEG", mode))).convert("RGB"))
-    assert np.abs(out.astype(int) - reference).max() <= 2
-
-
-def test_decode_image_png_bytes_in_jpg_field():
-    image = np.random.default_rng(0).integers(0, 255, (10, 12, 4), dtype=np.uint8)  # RGBA PNG source
-    out = D.decode_image(encode(image, "PNG"))
-    assert np.array_equal(out, image[..., :3])
-    with pytest.raises(ValueError, match="do not decode"):
-        D.decode_image(b"not an image")
-
-
-def test_decode_mask_single_channel_only():
-    mask = np.array([[0, 1, 13], [255, 2, 0]], np.uint8)
-    assert np.array_equal(D.decode_mask(encode(mask, "PNG")), mask)
-    with pytest.raises(ValueError, match="single-channel"):
-        D.decode_mask(encode(np.stack([mask] * 3, -1), "PNG"))  # an RGB "label map"
-
-
 # ------------------------------------------------------------------------------------------ training stream
 
 
@@ -258,18 +237,10 @@ def test_train_same_batch_count_on_every_rank(uneven):
     root, manifest = uneven
     for num_batches in (5, 8):
         for rank in (0, 1):
-            loader = D.train_loader(
-                cfg(workers=2),
-                AUG,
-                manifest,
-                root,
-                rank=rank,
-                world_size=2,
-                seed=0,
-                epoch=0,
-                num_batches=num_batches,
-            )
-            batches = list(loader)
+            with D.TrainLoader(
+                cfg(workers=2), AUG, manifest, root, rank=rank, world_size=2, seed=0, num_batches=num_batches
+            ) as loader:
+                batches = list(loader)
             assert len(batches) == num_batches == len(loader)
             for b in batches:
                 assert b["image"].shape == (2, 3, CROP, CROP) and b["image"].dtype == torch.uint8
@@ -281,31 +252,29 @@ def test_train_same_batch_count_on_every_rank(uneven):
 def test_train_deterministic_in_seed_and_epoch(uneven):
     root, manifest = uneven
 
-    def run(seed: int, epoch: int, workers: int = 2, rank: int = 0) -> list[dict]:
-        return list(
-            D.train_loader(
-                cfg(workers=workers),
-                AUG,
-                manifest,
-                root,
-                rank=rank,
-                world_size=2,
-                seed=seed,
-                epoch=epoch,
-                num_batches=6,
-            )
+    def loader(seed: int, rank: int = 0) -> D.TrainLoader:
+        return D.TrainLoader(
+            cfg(workers=2), AUG, manifest, root, rank=rank, world_size=2, seed=seed, num_batches=6
         )
 
+    def run(seed: int, epoch: int, rank: int = 0) -> list[dict]:
+        with loader(seed, rank) as fresh:
+            fresh.set_epoch(epoch)
+            return list(fresh)
+
     first = run(0, 0)
-    D._train_loaders.clear()  # a fresh loader (new workers) must give the same batches
-    again = run(0, 0)
+    again = run(0, 0)  # a fresh loader (new workers) must give the same batches
     assert keys(first) == keys(again)
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
-    other_epoch = run(0, 1)  # reuses the cached loader's persistent workers
+    with loader(0) as persistent:  # the same persistent workers, epoch after epoch
+        persistent.set_epoch(1)
+        other_epoch = list(persistent)
+        persistent.set_epoch(0)
+        back = list(persistent)
     assert len(other_epoch) == 6
     assert keys(other_epoch) != keys(first)
-    assert keys(run(0, 0)) == keys(first)  # back to epoch 0 on the same workers: same batches
+    assert keys(back) == keys(first)  # back to epoch 0 on the same workers: same batches
     assert keys(run(1, 0)) != keys(first)
     assert keys(run(0, 0, rank=1)) != keys(first)
 
@@ -313,8 +282,8 @@ def test_train_deterministic_in_seed_and_epoch(uneven):
 def test_uint8_masks_carry_the_same_labels(uneven):
     root, manifest = uneven
     args = dict(rank=0, world_size=1, seed=0, epoch=0, num_batches=3)
-    wide = list(D.train_loader(cfg(), AUG, manifest, root, **args))
-    narrow = list(D.train_loader(cfg(), AUG, manifest, root, mask_dtype=torch.uint8, **args))
+    wide = train_batches(cfg(), AUG, manifest, root, **args)
+    narrow = train_batches(cfg(), AUG, manifest, root, mask_dtype=torch.uint8, **args)
     for a, b in zip(wide, narrow, strict=True):
         assert b["mask"].dtype == torch.uint8 and torch.equal(a["mask"], b["mask"].long())
         assert torch.equal(a["image"], b["image"])
@@ -326,10 +295,8 @@ def test_uint8_masks_carry_the_same_labels(uneven):
 
 def test_train_workers_are_not_copies(uneven):
     root, manifest = uneven
-    batches = list(
-        D.train_loader(
-            cfg(workers=2), AUG, manifest, root, rank=0, world_size=1, seed=0, epoch=0, num_batches=8
-        )
+    batches = train_batches(
+        cfg(workers=2), AUG, manifest, root, rank=0, world_size=1, seed=0, epoch=0, num_batches=8
     )
     # DataLoader alternates workers: even batches from worker 0, odd from worker 1
     assert keys(batches[0::2]) != keys(batches[1::2])
@@ -352,7 +319,7 @@ def test_repeat_factor_sampling_raises_rare_class_exposure(tmp_path):
     shares = {}
     for t in (0.0, 0.4):
         seen = keys(
-            D.train_loader(
+            train_batches(
                 cfg(batch_size=4, repeat_threshold=t, shuffle_buffer=16),
                 AugmentConfig(color_jitter_p=0),
                 manifest,
@@ -406,6 +373,47 @@ def test_eval_more_ranks_and_workers_than_samples(tmp_path):
     assert seen == ["7"]
 
 
+def test_eval_more_ranks_than_shards_gives_every_rank_work(tmp_path):
+    """3 ranks on 2 shards of 4 samples: blocks of 2, 3 and 3 samples, every sample exactly once (a split
+    dealt by shard would leave rank 2 idle)."""
+    key = iter(range(300, 400))
+    manifest = build_shards(
+        tmp_path, {"val": [[make_sample(next(key), [1]) for _ in range(4)] for _ in range(2)]}
+    )
+    per_rank = [
+        keys(D.eval_loader(cfg(workers=2), manifest, tmp_path, "val", rank=r, world_size=3)) for r in range(3)
+    ]
+    assert [len(k) for k in per_rank] == [2, 3, 3]
+    everything = [k for ks in per_rank for k in ks]
+    assert sorted(everything) == [str(k) for k in range(300, 308)]
+
+
+@pytest.mark.parametrize(("total", "world"), [(15, 2), (15, 4), (3, 5), (0, 2), (12, 12)])
+def test_rank_slices_partition_the_split(total, world):
+    counts = {f"s{i}": n for i, n in enumerate(np.array_split(np.arange(total), 3))}
+    counts = {k: len(v) for k, v in counts.items()}
+    taken = []
+    for rank in range(world):
+        for s in D.rank_slices(counts, rank, world):
+            assert 0 <= s.start < s.stop <= s.total == counts[s.url]
+            taken += [(s.url, i) for i in range(s.start, s.stop)]
+    assert sorted(taken) == sorted((url, i) for url, n in counts.items() for i in range(n))
+
+
+def test_train_loader_close_ends_its_workers(uneven):
+    import multiprocessing
+
+    root, manifest = uneven
+    before = set(multiprocessing.active_children())
+    loader = D.TrainLoader(cfg(workers=2), AUG, manifest, root, rank=0, world_size=1, seed=0, num_batches=4)
+    assert len(list(loader)) == 4
+    assert len(set(multiprocessing.active_children()) - before) == 2  # persistent: alive between epochs
+    loader.close()
+    assert set(multiprocessing.active_children()) - before == set()
+    with pytest.raises(RuntimeError, match="closed"):
+        iter(loader)
+
+
 # ------------------------------------------------------------------------------------------ corrupt data
 
 
@@ -430,7 +438,7 @@ def test_missing_or_truncated_shard_is_a_startup_error(damaged):
     path = root / "train-000001.tar"
     path.write_bytes(path.read_bytes()[:1500])
     with pytest.raises(ManifestError, match="train-000001.tar has 1500 bytes"):
-        D.train_loader(cfg(), AUG, manifest, root, rank=0, world_size=1, seed=0, epoch=0, num_batches=2)
+        train_batches(cfg(), AUG, manifest, root, rank=0, world_size=1, seed=0, epoch=0, num_batches=2)
     path.unlink()
     with pytest.raises(ManifestError, match="train-000001.tar is listed in the manifest but missing"):
         check_shards(manifest, root, "train")
@@ -447,8 +455,8 @@ def test_truncated_shard_training_skips_counts_logs_evaluation_raises(damaged, c
         manifest = resize_in_manifest(root, path.name)
 
     with caplog.at_level(logging.WARNING, logger="modaseg.data"):
-        batches = list(
-            D.train_loader(cfg(), AUG, manifest, root, rank=0, world_size=1, seed=0, epoch=0, num_batches=20)
+        batches = train_batches(
+            cfg(), AUG, manifest, root, rank=0, world_size=1, seed=0, epoch=0, num_batches=20
         )
     assert len(batches) == 20
     skipped = sum(b["skipped"] for b in batches)
@@ -462,8 +470,8 @@ def test_truncated_shard_training_skips_counts_logs_evaluation_raises(damaged, c
         list(D.eval_loader(cfg(), manifest, root, "val", rank=0, world_size=1))
 
     with pytest.raises(D.CorruptDataError, match="more than data.max_corrupt_samples=2"):
-        list(
-            D.train_loader(
+        (
+            train_batches(
                 cfg(max_corrupt_samples=2),
                 AUG,
                 manifest,
@@ -501,8 +509,8 @@ def test_undecodable_sample(damaged, caplog):
         path.write_bytes(bytes(raw))
     manifest = read_manifest(root)  # sizes unchanged: check_shards cannot see this
     with caplog.at_level(logging.WARNING, logger="modaseg.data"):
-        batches = list(
-            D.train_loader(cfg(), AUG, manifest, root, rank=0, world_size=1, seed=1, epoch=0, num_batches=20)
+        batches = train_batches(
+            cfg(), AUG, manifest, root, rank=0, world_size=1, seed=1, epoch=0, num_batches=20
         )
     skipped = sum(b["skipped"] for b in batches)
     assert skipped >= 1 and skipped == caplog.text.count("sample 507: image bytes do not decode")
@@ -529,18 +537,16 @@ def _two_ranks(root: str) -> None:
 
     state = PartialState(cpu=True)
     manifest = read_manifest(root)
-    train = list(
-        D.train_loader(
-            cfg(workers=2),
-            AUG,
-            manifest,
-            root,
-            rank=state.process_index,
-            world_size=2,
-            seed=0,
-            epoch=0,
-            num_batches=5,
-        )
+    train = train_batches(
+        cfg(workers=2),
+        AUG,
+        manifest,
+        root,
+        rank=state.process_index,
+        world_size=2,
+        seed=0,
+        epoch=0,
+        num_batches=5,
     )
     evaluated = keys(
         D.eval_loader(cfg(workers=2), manifest, root, "val", rank=state.process_index, world_size=2)

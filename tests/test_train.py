@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import signal
 import subprocess
@@ -15,8 +14,8 @@ from conftest import ROOT, accelerate_cmd, clean_env, run_training, training_cmd
 from safetensors.torch import load_file
 
 from modaseg.checkpoint import list_checkpoints, read_state
-from modaseg.config import OptimConfig
-from modaseg.train import EXIT_REQUEUE, FAULT_NAN_ENV, learning_rate
+from modaseg.distributed import EXIT_REQUEUE
+from modaseg.step import FAULT_NAN_ENV
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -198,18 +197,6 @@ def test_gradient_accumulation_matches_the_larger_batch(shard_dir, tmp_path):
     for key in a:
         if a[key].is_floating_point():
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
-
-
-@pytest.mark.parametrize("schedule", ["poly", "cosine", "constant"])
-def test_learning_rate_schedule(schedule):
-    cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule=schedule)
-    rates = [learning_rate(u, 100, cfg) for u in range(100)]
-    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
-    assert all(a <= b + 1e-12 for a, b in itertools.pairwise(rates[:10]))
-    if schedule == "constant":
-        assert rates[-1] == 1.0
-    else:
-        assert rates[-1] < 0.05 and all(a >= b for a, b in itertools.pairwise(rates[10:]))
 
 
 def test_resume_auto_skips_a_corrupt_checkpoint_and_matches_from_the_epoch_boundary(
