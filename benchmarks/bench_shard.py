@@ -10,11 +10,17 @@ Images: modaseg-synth's paint mode on the real ModaNet polygons when ../shared/d
 there (real geometry and instance counts), else its synthetic generator.
 
     .venv/bin/python benchmarks/bench_shard.py --num-images 600 --repeats 3
+
+Two more measurements, each alone:
+
+    .venv/bin/python benchmarks/bench_shard.py --ccp --repeats 3   # label-map source: the 600 CCP photos
+    .venv/bin/python benchmarks/bench_shard.py --probe              # check_shards' probe vs full sha256
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -33,9 +39,12 @@ from pycocotools.coco import COCO
 
 from modaseg import shard as sh
 from modaseg import synth
+from modaseg.manifest import probe_sha256
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "modanet-sample"
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / ".." / "shared" / "data" / "modanet-sample"
 TRAIN_SUBSET = SAMPLE / "modanet_train_subset_a.json"
+CCP = ROOT / ".." / "shared" / "data" / "ccp-dev"
 
 
 def make_images(root: Path, num_images: int) -> Path:
@@ -110,12 +119,85 @@ def timed(
     return times
 
 
+def ccp(out: Path, workers: int) -> None:
+    opts = sh.ShardOptions(
+        out=out,
+        images=CCP / "photos",
+        masks=CCP / "annotations" / "pixel-level",
+        label_names=CCP / "label_list.mat",
+        label_map=ROOT / "configs" / "labelmaps" / "ccp-to-modanet.yaml",
+        workers=workers,
+        shard_size=100,
+        progress=False,
+    )
+    result = sh.shard(opts)
+    assert result.manifest is not None and result.manifest.counts["images_rejected"] == 0
+
+
+def bench_ccp(repeats: int) -> None:
+    """The label-map source end to end on the 600 CCP photos (550 px wide JPEGs, .mat label maps)."""
+    if not (CCP / "label_list.mat").is_file():
+        raise SystemExit(f"Clothing Co-Parsing not found at {CCP}")
+    n = len(list((CCP / "photos").iterdir()))
+    for f in [*(CCP / "photos").iterdir(), *(CCP / "annotations" / "pixel-level").iterdir()]:
+        f.read_bytes()  # page cache warm
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ccp-"))
+    load_before = os.getloadavg()
+    times = timed({f"CCP, {w} worker(s)": (lambda o, w=w: ccp(o, w)) for w in (1, 2)}, tmp, repeats)
+    load_after = os.getloadavg()
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"{n} CCP photos, {repeats} interleaved runs each; load average {load_before[0]:.2f} -> {load_after[0]:.2f}"
+    )
+    for name, v in times.items():
+        walls = [w for w, _ in v]
+        print(f"{name}: best {n / min(walls):.0f} img/s, median {n / statistics.median(walls):.0f} img/s, "
+              f"CPU {1e3 * min(c for _, c in v) / n:.1f} ms/img")  # fmt: skip
+
+
+def bench_probe(size_mb: int = 50, repeats: int = 20) -> None:
+    """What check_shards adds per shard at start-up: the probe (3 x 64 KiB) against a full sha256, warm
+    and with the file's pages dropped from the page cache (posix_fadvise DONTNEED: a cold read)."""
+    with tempfile.TemporaryDirectory(prefix="bench-probe-") as d:
+        path = Path(d) / "train-000000.tar"
+        path.write_bytes(np.random.default_rng(0).bytes(size_mb << 20))
+
+        def drop() -> None:
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+        def full() -> str:
+            return hashlib.file_digest(path.open("rb"), "sha256").hexdigest()
+
+        for name, fn in (("probe_sha256", lambda: probe_sha256(path)), ("full sha256", full)):
+            for cache in ("warm", "cold"):
+                runs = []
+                for _ in range(repeats if name == "probe_sha256" else 3):
+                    if cache == "cold":
+                        drop()
+                    else:
+                        fn()
+                    t0 = time.perf_counter()
+                    fn()
+                    runs.append(time.perf_counter() - t0)
+                print(
+                    f"{name:13} {size_mb} MB shard, {cache}: median {1e3 * statistics.median(runs):8.2f} ms"
+                )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-images", type=int, default=600)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--data", type=Path, help="keep the generated images here (default: a temporary folder)")
+    p.add_argument("--ccp", action="store_true", help="only: the label-map source on ../shared/data/ccp-dev")
+    p.add_argument("--probe", action="store_true", help="only: the cost of check_shards' probe per shard")
     args = p.parse_args()
+    if args.ccp or args.probe:
+        bench_ccp(args.repeats) if args.ccp else bench_probe()
+        return
     tmp = Path(tempfile.mkdtemp(prefix="bench-shard-"))
     data = args.data or tmp / "data"
     ann = make_images(data, args.num_images)

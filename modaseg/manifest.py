@@ -2,28 +2,39 @@
 
 Layout of a shard folder:
     DIR/{train,val,test}-NNNNNN.tar   WebDataset shards; per sample:
-        __key__  the image id (decimal)
+        __key__  the image id (decimal) for COCO sources, the photo's file stem for label-map sources
         jpg      the ORIGINAL encoded image bytes (never re-encoded; may be PNG bytes for PNG sources)
         png      label map, single-channel 8-bit PNG, image size; 0 background, 1..K labels, 255 ignore
         json     {"id", "file_name", "width", "height", "source", "class_pixels": [K+1 ints],
-                  "classes_present": [labels]}
+                  "classes_present": [labels], ...}
     DIR/manifest.json                 written last; this module reads and writes it
     DIR/rejects.jsonl                 one line per image or annotation left out, with the reason
+
+Each shard's entry holds its size, its sha256 (checked by `modaseg-shard --verify`, which reads every
+byte) and a probe hash of three 64 KiB windows (start, middle, end), which `check_shards` compares at
+start-up for the price of three small reads: a shard swapped for another of the same size (tar records
+pad sizes to 10 KiB, so equal sizes are common) starts with other sample names and fails it. Manifests
+written before the probe existed have none and skip that comparison.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from modaseg.classes import LabelSpace
 from modaseg.console import UserError
+from modaseg.files import write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "modaseg-shards/1"
 SPLITS = ("train", "val", "test")
+PROBE_WINDOW = 64 * 1024
 
 
 class ManifestError(UserError, RuntimeError):
@@ -36,6 +47,7 @@ class ShardInfo:
     num_samples: int
     sha256: str
     size_bytes: int = 0
+    probe_sha256: str = ""  # probe_sha256() of the file; "" in manifests older than the probe
 
 
 @dataclass
@@ -49,7 +61,7 @@ class SplitInfo:
 @dataclass
 class Manifest:
     tool_version: str
-    annotations_sha256: str
+    annotations_sha256: str  # label-map sources: of their label names and mapping
     classes: list[str]  # index = label value; classes[0] == "background"
     category_to_label: dict[str, int]  # annotation category id (as string, JSON keys) -> label value
     split_fractions: dict[str, float]
@@ -59,6 +71,7 @@ class Manifest:
     rejects: dict[str, int] = field(default_factory=dict)  # reason -> count
     ignore_index: int = 255
     format: str = FORMAT
+    source_labels: dict[str, int] = field(default_factory=dict)  # label-map sources: name -> label value
 
     @property
     def num_classes(self) -> int:
@@ -77,13 +90,48 @@ class Manifest:
         return [Path(root) / s.name for s in self.splits[split].shards]
 
 
+def probe_sha256(path: str | Path) -> str:
+    """sha256 of the file's first, middle and last 64 KiB (overlapping in a small file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        for start in (0, max(0, (size - PROBE_WINDOW) // 2), max(0, size - PROBE_WINDOW)):
+            digest.update(os.pread(f.fileno(), PROBE_WINDOW, start))
+    return digest.hexdigest()
+
+
 def write_manifest(manifest: Manifest, root: str | Path) -> Path:
-    """Write atomically (temporary file, then rename): a reader never sees half a manifest."""
-    path = Path(root) / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(asdict(manifest), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Written atomically (modaseg.files): a reader never sees half a manifest."""
+    return write_json_atomic(Path(root) / MANIFEST_NAME, asdict(manifest), indent=2)
+
+
+def _build(cls: type, raw: Any, where: str, path: Path, **parsed: Any) -> Any:
+    """`cls(**raw)` for one JSON object of the manifest, with ManifestError naming an unknown or missing key
+    (a manifest from another version of this tool, or edited by hand) instead of a TypeError."""
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: {where} must be a JSON object, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ManifestError(
+            f"{path}: unknown key {unknown[0]!r} in {where} (written by another modaseg version?)"
+        )
+    missing_value = dataclasses.MISSING
+    required = (
+        f.name for f in fields.values() if f.default is missing_value and f.default_factory is missing_value
+    )
+    missing = [k for k in required if k not in raw and k not in parsed]
+    if missing:
+        raise ManifestError(f"{path}: {where} lacks the key {missing[0]!r}")
+    return cls(**{**raw, **parsed})
+
+
+def _shard_info(raw: Any, where: str, path: Path) -> ShardInfo:
+    info = _build(ShardInfo, raw, where, path)
+    name = info.name
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise ManifestError(f"{path}: shard name {name!r} is not a plain file name in the folder")
+    return info
 
 
 def read_manifest(root: str | Path) -> Manifest:
@@ -94,31 +142,28 @@ def read_manifest(root: str | Path) -> Manifest:
         )
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise ManifestError(f"cannot read {path}: {e}") from e
-    if raw.get("format") != FORMAT:
-        raise ManifestError(f"{path}: format {raw.get('format')!r}, expected {FORMAT!r}")
-    for split in raw.get("splits", {}).values():
-        for shard in split["shards"]:
-            if Path(shard["name"]).name != shard["name"] or shard["name"] in ("", ".", ".."):
-                raise ManifestError(
-                    f"{path}: shard name {shard['name']!r} is not a plain file name in the folder"
-                )
-    splits = {
-        name: SplitInfo(
-            num_samples=s["num_samples"],
-            shards=[ShardInfo(**x) for x in s["shards"]],
-            class_pixels=s["class_pixels"],
-            class_images=s["class_images"],
-        )
-        for name, s in raw.pop("splits").items()
-    }
-    return Manifest(splits=splits, **raw)
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise ManifestError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    splits_raw = raw.get("splits")
+    if not isinstance(splits_raw, dict):
+        raise ManifestError(f"{path}: 'splits' must be a JSON object")
+    splits = {}
+    for name, s in splits_raw.items():
+        shards = s.get("shards") if isinstance(s, dict) else None
+        if not isinstance(shards, list):
+            raise ManifestError(f"{path}: split {name!r} needs a list of shards")
+        infos = [_shard_info(x, f"a shard of split {name!r}", path) for x in shards]
+        splits[name] = _build(SplitInfo, s, f"split {name!r}", path, shards=infos)
+    return _build(Manifest, raw, "the manifest", path, splits=splits)
 
 
 def check_shards(manifest: Manifest, root: str | Path, split: str) -> list[Path]:
-    """Shard paths of `split`, after checking each exists with the recorded size: a missing or truncated
-    shard is an error at start-up that names it, not a hang or a short epoch hours later."""
+    """Shard paths of `split`, after checking each exists with the recorded size and probe hash: a
+    missing, truncated or swapped shard is an error at start-up that names it, not a hang, a short epoch
+    or another split's images hours later."""
     paths = manifest.shard_paths(root, split)
     for info, path in zip(manifest.splits[split].shards, paths, strict=True):
         if not path.is_file():
@@ -127,5 +172,10 @@ def check_shards(manifest: Manifest, root: str | Path, split: str) -> list[Path]
             raise ManifestError(
                 f"shard {path} has {path.stat().st_size} bytes, the manifest says {info.size_bytes}: "
                 "truncated or replaced (re-run modaseg-shard --resume, or --verify to check checksums)"
+            )
+        if info.probe_sha256 and probe_sha256(path) != info.probe_sha256:
+            raise ManifestError(
+                f"shard {path} is not the shard the manifest lists (its first, middle or last 64 KiB "
+                "differ): replaced or rewritten (re-run modaseg-shard --resume, or --verify)"
             )
     return paths

@@ -1,44 +1,61 @@
-"""`modaseg-shard`: COCO polygon annotations + photos -> verified WebDataset shards + manifest.
+"""`modaseg-shard`: photos and their labels -> verified WebDataset shards + manifest.
+
+Two label sources, one sharder (plan -> shards written by worker processes -> per-shard sidecars ->
+merge into manifest.json and rejects.jsonl):
+- COCO polygon annotations (ModaNet): `--annotations FILE` with `--images DIR` or `--lmdb PATH`;
+- pixel label maps (Clothing Co-Parsing and the like): `--images PHOTOS --masks LABELS --label-names
+  NAMES --label-map MAP`, mapped onto ModaNet's classes (modaseg/labelmaps.py). Sample keys are the
+  photos' file stems.
 
 Output layout and manifest fields: modaseg/manifest.py. The rules this tool applies:
 
-Split: an image's split comes from a keyed hash, blake2b(str(id), key=seed), mapped to [0, 1) and cut
-at the split fractions. It depends on nothing but (seed, id), so adding images never moves existing ones.
-Within a split, images are sorted by id and cut into shards of `--shard-size`: shard membership is a pure
-function of the annotation file, so `--num-tasks K --task-index I` (shards j with j % K == I over all
-splits) and `--resume` produce exactly the shards of one uninterrupted run.
+Split: a sample's split comes from a keyed hash, blake2b(key, key=seed) with key = str(image id) for
+COCO and the file stem for label maps, mapped to [0, 1) and cut at the split fractions. It depends on
+nothing but (seed, key), so adding images never moves existing ones. Within a split, samples are sorted
+by id (or key) and cut into shards of `--shard-size`: shard membership is a pure function of the inputs,
+so `--num-tasks K --task-index I` (shards j with j % K == I over all splits) and `--resume` produce
+exactly the shards of one uninterrupted run. `--resume` keeps a shard only when its sidecar comes from
+the same plan and every file it read still has the size and mtime it had then.
 
-Rasterization: each annotation is one instance, all its polygons merged, exactly as pycocotools does it
-(frPyObjects -> merge -> decode). Instances are painted largest pixel area first, so smaller ones stay on
-top (a belt over a top); equal areas keep file order (the later one ends on top). Polygons are checked
-before pycocotools sees them (it crashes on or mis-reads fewer than 6 numbers, odd lengths, non-numbers,
-arrays, `[]`/`[[]]`), and a polygon that covers no pixel (collinear or repeated points, sub-pixel, or
-wholly outside the image) is reported as `polygon_no_pixels` instead of vanishing silently. Coordinates
-outside the image are counted (`polygons_clipped`) and left to pycocotools, which clips them itself;
-coordinates more than one image size outside (pycocotools overflows and crashes on those) are first cut
-to that wider box by polygon clipping, which leaves the shape inside the image unchanged
-(`polygons_far_clipped`). Uncompressed RLE segmentations (COCO crowd style) are used when their size
-matches the image and their runs sum to it; compressed RLE strings are refused, because pycocotools
-decodes them without bounds checks.
+Rasterization (COCO): each annotation is one instance, all its polygons merged, exactly as pycocotools
+does it (frPyObjects -> merge -> decode). Instances are painted largest pixel area first, so smaller ones
+stay on top (a belt over a top); equal areas keep file order (the later one ends on top). Polygons are
+checked before pycocotools sees them (modaseg/coco.py: the same check modaseg-synth paints by), and a
+polygon that covers no pixel (collinear or repeated points, sub-pixel, or wholly outside the image) is
+reported as `polygon_no_pixels` instead of vanishing silently. Coordinates outside the image are counted
+(`polygons_clipped`) and left to pycocotools, which clips them itself; coordinates more than one image
+size outside are first cut to that wider box (`polygons_far_clipped`). Uncompressed RLE segmentations
+(COCO crowd style) are used when their size matches the image and their runs sum to it; compressed RLE
+strings are refused, because pycocotools decodes them without bounds checks.
 
 Annotations are rejected (with a reason, in rejects.jsonl) for an unknown image id, an unknown category
 id (e.g. ModaNet v1.0's 0), or no usable polygon. An image whose every annotation was rejected is
 rejected too (an all-background label would be wrong); an image with no annotations at all is kept as
-all background (`empty_kept`), or dropped with `--drop-empty`. An unexpected error on one image rejects
-that image (`unexpected_error`, with the exception) instead of ending the job.
+all background (`empty_kept`), or dropped with `--drop-empty`. Two images with one file_name: the later
+ones are rejected (`duplicate_file_name`), as with duplicate ids: both would store the same photo, one
+with the other's labels, likely in another split.
 
-Images: `--images DIR` reads DIR/file_name, where file_name must be a plain name (no path separator,
-no `..`: else `unsafe_file_name`, nothing outside DIR is ever opened); `--lmdb` reads key str(id).
-The encoded bytes are stored verbatim under `jpg` (never re-encoded). The format is sniffed from
-the magic bytes: JPEG, or PNG stored as-is (the per-sample json says `"format": "PNG"`); anything else is
-rejected. Each image is decoded once to prove it is complete: for JPEG a 1/8-scale draft decode, which
-reads the whole entropy-coded stream and so still fails on truncation (benchmarks/shard.md) at ~60% of a
-full decode. Grayscale and CMYK images are kept verbatim (json `"mode"`); loaders decode with
-`.convert("RGB")`. A decoded size different from the declared width/height is rejected (`size_mismatch`),
-or with `--fix-size` the decoded size is used and counted (`size_fixed`).
+Label maps: paired with the photo of the same file stem. A photo without label map, a label map without
+photo, a second photo or label map for one stem, a stem that cannot be a sample key, a label map of
+another size than its photo, a value with no label name, an unreadable or truncated file: each is
+rejected with its reason. Values are mapped through the label map file into ModaNet's label space.
 
-Invariants, checked and printed: images in the file = samples written + images rejected; annotations in
-the file = used + rejected + dropped by the category map + belonging to rejected images.
+Images: files are read only inside `--images` (and `--masks`): a COCO file_name must be a plain name
+(no path separator, no `..`: else `unsafe_file_name`), and a name that resolves outside the folder (a
+symlink out of it: `outside_folder`) or is not a regular file (a FIFO would hang the run:
+`not_a_regular_file`) is rejected without reading it. `--lmdb` reads key str(id). The encoded bytes
+are stored verbatim under `jpg` (never re-encoded). The format is sniffed from the magic bytes: JPEG,
+or PNG stored as-is (the per-sample json says `"format": "PNG"`); anything else is rejected. Each image
+is decoded once to prove it is complete: for JPEG a 1/8-scale draft decode, which reads the whole
+entropy-coded stream and so still fails on truncation (benchmarks/shard.md) at ~60% of a full decode.
+Grayscale and CMYK images are kept verbatim (json `"mode"`); loaders decode to RGB. A decoded size
+different from the declared width/height is rejected (`size_mismatch`), or with `--fix-size` the
+decoded size is used and counted (`size_fixed`). No reject line ever holds a file's bytes.
+
+Invariants, checked and printed: inputs (images in the file; or photos plus label maps without a photo)
+= samples written + rejected; annotations in the file = used + rejected + dropped by the category map +
+belonging to rejected images. An unexpected error on one image rejects that image (`unexpected_error`,
+with the exception) instead of ending the job.
 """
 
 from __future__ import annotations
@@ -50,6 +67,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import struct
 import sys
 import tarfile
@@ -58,7 +76,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +86,19 @@ from pycocotools import mask as mask_utils
 
 from modaseg import __version__
 from modaseg.classes import IGNORE_INDEX, LabelSpace
-from modaseg.console import UserError
+from modaseg.coco import InputError, check_polygon, fit_polygon, is_int, load_coco
+from modaseg.console import UserError, progress_bar, run_cli
+from modaseg.files import UnsafeFileError, file_fingerprint, read_inside, write_atomic, write_json_atomic
+from modaseg.labelmaps import (
+    DEFAULT_MASK_VARIABLE,
+    LabelMapping,
+    Rejected,
+    is_matlab_name,
+    load_label_mapping,
+    load_label_names,
+    pair_files,
+    read_label_map,
+)
 from modaseg.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -76,6 +106,7 @@ from modaseg.manifest import (
     ManifestError,
     ShardInfo,
     SplitInfo,
+    probe_sha256,
     read_manifest,
     write_manifest,
 )
@@ -83,6 +114,7 @@ from modaseg.manifest import (
 REJECTS_NAME = "rejects.jsonl"
 PARTS_DIR = ".parts"  # per-shard sidecars: the shard's checksum, statistics and rejects
 DEFAULT_SPLIT = (0.6, 0.25, 0.15)
+SEED_LIMIT = 2**127  # the split hash's key is the seed as 16 signed bytes
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PNG_COMPRESS_LEVEL = 1  # with zlib's RLE strategy the level hardly matters: take the fastest
@@ -102,10 +134,16 @@ _COUNT_KEYS = (
     "polygons_clipped",
     "polygons_far_clipped",
 )
-
-
-class InputError(UserError, ValueError):
-    """The input (annotation file, image source, options) is unusable: one clear message, exit code 2."""
+_PIXEL_COUNT_KEYS = ("images_in", "samples_written", "images_rejected", "files_ignored")
+_BYTES_REPR = re.compile(r"b'(?:[^'\\]|\\.)*'" + "|" + r'b"(?:[^"\\]|\\.)*"')  # a bytes literal
+# formats named in a rejection instead of echoing the file's first bytes
+_OTHER_FORMATS = (
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\0", "TIFF"),
+    (b"MM\0*", "TIFF"),
+    (b"RIFF", "RIFF/WebP"),
+)
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -113,10 +151,14 @@ class InputError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class ShardOptions:
-    annotations: Path
     out: Path
-    images: Path | None = None  # folder of "%07d.jpg" files (names from the annotation file)
+    annotations: Path | None = None  # COCO polygons; or masks + label_names + label_map
+    images: Path | None = None  # folder of photos ("%07d.jpg" names from the annotation file)
     lmdb: Path | None = None  # PaperDoll photos.lmdb (key = decimal image id)
+    masks: Path | None = None  # folder of label maps, one per photo (same file stem)
+    label_names: Path | None = None  # source label names, index = label value
+    label_map: Path | None = None  # YAML: source name -> target class, background or ignore
+    mask_variable: str = DEFAULT_MASK_VARIABLE  # the variable holding a .mat file's label map
     split: tuple[float, float, float] = DEFAULT_SPLIT
     seed: int = 0
     shard_size: int = 1000
@@ -130,13 +172,21 @@ class ShardOptions:
     max_images: int | None = None
     progress: bool = True
 
+    @property
+    def pixel(self) -> bool:
+        """Labels from label-map files (else from COCO annotations)."""
+        return self.masks is not None
+
     def __post_init__(self) -> None:
-        if (self.images is None) == (self.lmdb is None):
-            raise InputError("give exactly one image source: --images DIR or --lmdb PATH")
+        self._check_source()
         if len(self.split) != 3 or any(not math.isfinite(f) or f < 0 for f in self.split):
             raise InputError(f"--split needs three non-negative fractions (train,val,test), got {self.split}")
         if abs(sum(self.split) - 1.0) > 1e-6:
             raise InputError(f"--split fractions must sum to 1, got {self.split} (sum {sum(self.split)})")
+        if not -SEED_LIMIT <= self.seed < SEED_LIMIT:
+            raise InputError(
+                f"--seed must be in -2**127..2**127-1, got a number of {len(str(self.seed))} digits"
+            )
         if self.shard_size < 1:
             raise InputError(f"--shard-size must be at least 1, got {self.shard_size}")
         if self.workers < 1:
@@ -148,6 +198,29 @@ class ShardOptions:
             )
         if self.max_images is not None and self.max_images < 1:
             raise InputError(f"--max-images must be at least 1, got {self.max_images}")
+
+    def _check_source(self) -> None:
+        if not self.pixel:
+            if self.annotations is None:
+                raise InputError("give --annotations FILE (COCO polygons) or --masks DIR (label maps)")
+            if self.label_names is not None or self.label_map is not None:
+                raise InputError("--label-names and --label-map go with --masks")
+            if (self.images is None) == (self.lmdb is None):
+                raise InputError("give exactly one image source: --images DIR or --lmdb PATH")
+            return
+        if self.annotations is not None:
+            raise InputError("give --annotations (COCO polygons) or --masks (label maps), not both")
+        if self.images is None or self.label_names is None or self.label_map is None:
+            raise InputError("--masks needs --images (the photos), --label-names and --label-map")
+        coco_only = {"--lmdb": self.lmdb, "--category-map": self.category_map}
+        coco_only.update({"--drop-empty": self.drop_empty, "--fix-size": self.fix_size})
+        used = [flag for flag, value in coco_only.items() if value]
+        if used:
+            raise InputError(f"{', '.join(used)}: for COCO annotations only, not with --masks")
+        if not is_matlab_name(self.mask_variable):
+            raise InputError(f"--mask-variable {self.mask_variable!r} is not a MATLAB variable name")
+        if os.path.realpath(self.images) == os.path.realpath(self.masks):
+            raise InputError("--images and --masks must be two folders (photos and label maps apart)")
 
 
 def parse_split(text: str) -> tuple[float, float, float]:
@@ -162,11 +235,11 @@ def parse_split(text: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-def split_of(image_id: int, seed: int, fractions: tuple[float, float, float]) -> str:
-    """The split of one image: a pure function of (seed, id), so adding images moves none."""
-    key = seed.to_bytes(16, "little", signed=True)
-    digest = hashlib.blake2b(str(image_id).encode(), digest_size=8, key=key).digest()
-    u = int.from_bytes(digest, "little") / 2.0**64
+def split_of(key: int | str, seed: int, fractions: tuple[float, float, float]) -> str:
+    """The split of one sample: a pure function of (seed, key), so adding images moves none. A COCO
+    image's key is its id (hashed as str(id)), a label-map sample's its file stem."""
+    digest = hashlib.blake2b(str(key).encode(), digest_size=8, key=seed.to_bytes(16, "little", signed=True))
+    u = int.from_bytes(digest.digest(), "little") / 2.0**64
     edge = 0.0
     for name, fraction in zip(SPLITS, fractions, strict=True):
         edge += fraction
@@ -180,7 +253,7 @@ def split_of(image_id: int, seed: int, fractions: tuple[float, float, float]) ->
 
 @dataclass
 class ImageTask:
-    """One image to convert; everything a worker needs, nothing shared."""
+    """One COCO image to convert; everything a worker needs, nothing shared."""
 
     image_id: int
     file_name: str
@@ -189,13 +262,36 @@ class ImageTask:
     annotations: list[tuple[Any, int, Any]]  # (annotation id, label value, segmentation), file order
     plan_rejected: int = 0  # annotations of this image already rejected while planning
 
+    @property
+    def key(self) -> str:
+        return str(self.image_id)
+
+    def ref(self) -> dict:
+        """How reject lines name this sample."""
+        return {"image_id": self.image_id}
+
+
+@dataclass
+class PixelTask:
+    """One photo and its label map (file names inside --images and --masks)."""
+
+    key: str
+    photo: str
+    label: str
+
+    def ref(self) -> dict:
+        return {"key": self.key}
+
+
+Task = ImageTask | PixelTask
+
 
 @dataclass
 class ShardPlan:
     name: str
     split: str
     index: int  # position over all splits: task I owns shards with index % num_tasks == I
-    images: list[ImageTask]
+    images: list[Task]
 
 
 @dataclass
@@ -204,35 +300,21 @@ class Plan:
     annotations_sha256: str
     plan_id: str  # fingerprint of everything that decides shard content
     shards: list[ShardPlan]
-    rejects: list[dict]  # left out while planning, in file order
+    rejects: list[dict]  # left out while planning, in input order
     counts: Counter
+    mapping: LabelMapping | None = None  # label-map sources: source names -> label values
 
 
 def load_annotations(path: str | Path) -> tuple[dict, str]:
     """The parsed COCO file and its sha256; InputError (nothing written yet) when unusable."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read annotation file {path}: {e}") from e
-    try:
-        coco = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"annotation file {path} is not valid JSON (truncated or corrupt?): {e}") from e
-    if not isinstance(coco, dict):
-        raise InputError(f"{path}: expected a COCO object at the top level, got {type(coco).__name__}")
-    for key in ("images", "categories"):
-        if not isinstance(coco.get(key), list):
-            raise InputError(f"{path}: missing or non-list COCO key {key!r}")
-    if not isinstance(coco.get("annotations", []), list):
-        raise InputError(f"{path}: COCO key 'annotations' is not a list")
-    if not coco.get("annotations"):
+    coco, sha256 = load_coco(path)
+    if not coco["annotations"]:
         raise InputError(
             f"{path} has {len(coco['images'])} images and no annotations at all: nothing to rasterize. "
             "(The official ModaNet val file ships without annotations; take train/val/test from the "
             "train file with --split.)"
         )
-    return coco, hashlib.sha256(raw).hexdigest()
+    return coco, sha256
 
 
 def load_category_map(path: str | Path) -> dict[int, int | str | None]:
@@ -249,7 +331,7 @@ def load_category_map(path: str | Path) -> dict[int, int | str | None]:
             key = int(k)
         except ValueError:
             raise InputError(f"category map {path}: key {k!r} is not a category id") from None
-        if not (v is None or v == "ignore" or (isinstance(v, int) and not isinstance(v, bool))):
+        if not (v is None or v == "ignore" or is_int(v)):
             raise InputError(f"category map {path}: value for {k} must be a category id, null or 'ignore'")
         out[key] = v
     return out
@@ -280,10 +362,6 @@ def build_labels(
     return space, labels
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _safe_name(name: object) -> bool:
     return (
         isinstance(name, str)
@@ -293,8 +371,37 @@ def _safe_name(name: object) -> bool:
     )
 
 
+def _cut(tasks: list[Task], opts: ShardOptions) -> list[ShardPlan]:
+    """Sorted tasks -> splits (keyed hash) -> shards of --shard-size, named and indexed over all splits."""
+    by_split: dict[str, list[Task]] = {s: [] for s in SPLITS}
+    for task in tasks:
+        by_split[split_of(task.key, opts.seed, opts.split)].append(task)
+    shards: list[ShardPlan] = []
+    for split in SPLITS:
+        items = by_split[split]
+        for j in range(0, len(items), opts.shard_size):
+            name = f"{split}-{j // opts.shard_size:06d}.tar"
+            shards.append(ShardPlan(name, split, len(shards), items[j : j + opts.shard_size]))
+    return shards
+
+
+def _plan_id(opts: ShardOptions, source_fingerprint: dict) -> str:
+    fingerprint = {
+        **source_fingerprint,
+        "tool_version": __version__,
+        "split": list(opts.split),
+        "seed": opts.seed,
+        "shard_size": opts.shard_size,
+        "max_images": opts.max_images,
+        "png_compress_level": PNG_COMPRESS_LEVEL,
+    }
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
 def make_plan(opts: ShardOptions, coco: dict | None = None, sha256: str | None = None) -> Plan:
-    """Validate the file and cut it into shards. Deterministic: every task computes the same plan."""
+    """Validate the inputs and cut them into shards. Deterministic: every task computes the same plan."""
+    if opts.pixel:
+        return _pixel_plan(opts)
     if coco is None:
         coco, sha256 = load_annotations(opts.annotations)
     cmap = load_category_map(opts.category_map) if opts.category_map else None
@@ -307,31 +414,37 @@ def make_plan(opts: ShardOptions, coco: dict | None = None, sha256: str | None =
         rejects.append({"kind": "image", "reason": reason, "image_id": image_id, "detail": detail})
 
     entries = coco["images"]
-    all_ids = {e.get("id") for e in entries if isinstance(e, dict) and _is_int(e.get("id"))}
+    all_ids = {e.get("id") for e in entries if isinstance(e, dict) and is_int(e.get("id"))}
     if opts.max_images is not None:
         entries = entries[: opts.max_images]
-    scope_ids = {e.get("id") for e in entries if isinstance(e, dict) and _is_int(e.get("id"))}
+    scope_ids = {e.get("id") for e in entries if isinstance(e, dict) and is_int(e.get("id"))}
     tasks: dict[int, ImageTask] = {}
     rejected_ids: set[int] = set()
+    owner_of_name: dict[str, int] = {}
     for e in entries:
         counts["images_in"] += 1
         image_id = e.get("id") if isinstance(e, dict) else None
-        if not _is_int(image_id):
+        if not is_int(image_id):
             reject_image("bad_image_entry", image_id, f"missing or non-integer id in {str(e)[:200]}")
             continue
         if image_id in tasks or image_id in rejected_ids:
             reject_image("duplicate_image_id", image_id, "an id seen before in 'images'; the first is kept")
             continue
         w, h = e.get("width"), e.get("height")
-        if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
-            rejected_ids.add(image_id)
-            reject_image("bad_image_entry", image_id, f"width/height must be positive integers: {w!r}x{h!r}")
-            continue
         name = e.get("file_name", f"{image_id:07d}.jpg")
-        if opts.images is not None and not _safe_name(name):
+        reason, detail = None, ""
+        if not (is_int(w) and is_int(h) and w > 0 and h > 0):
+            reason, detail = "bad_image_entry", f"width/height must be positive integers: {w!r}x{h!r}"
+        elif opts.images is not None and not _safe_name(name):
+            reason, detail = "unsafe_file_name", f"file_name {name!r} is not a plain file name"
+        elif opts.images is not None and name in owner_of_name:
+            reason = "duplicate_file_name"
+            detail = f"file_name {name!r} is image {owner_of_name[name]}'s too: the first is kept"
+        if reason is not None:
             rejected_ids.add(image_id)
-            reject_image("unsafe_file_name", image_id, f"file_name {name!r} is not a plain file name")
+            reject_image(reason, image_id, detail)
             continue
+        owner_of_name[str(name)] = image_id
         tasks[image_id] = ImageTask(image_id, str(name), w, h, [])
 
     def reject_annotation(reason: str, ann: object, image_id: object, detail: str) -> None:
@@ -347,7 +460,7 @@ def make_plan(opts: ShardOptions, coco: dict | None = None, sha256: str | None =
             }
         )
 
-    for a in coco.get("annotations", []):
+    for a in coco["annotations"]:
         ok = isinstance(a, dict) and all(k in a for k in ("image_id", "category_id", "segmentation"))
         image_id = a.get("image_id") if ok else None
         if ok and image_id in all_ids and image_id not in scope_ids:
@@ -360,7 +473,7 @@ def make_plan(opts: ShardOptions, coco: dict | None = None, sha256: str | None =
             counts["annotations_of_rejected_images"] += 1
         elif image_id not in tasks:
             reject_annotation("unknown_image_id", a, image_id, f"image_id {image_id!r} is not in 'images'")
-        elif not _is_int(a["category_id"]) or a["category_id"] not in labels:
+        elif not is_int(a["category_id"]) or a["category_id"] not in labels:
             tasks[image_id].plan_rejected += 1
             reject_annotation(
                 "unknown_category", a, image_id, f"category_id {a['category_id']!r} is not in 'categories'"
@@ -370,88 +483,43 @@ def make_plan(opts: ShardOptions, coco: dict | None = None, sha256: str | None =
         else:
             tasks[image_id].annotations.append((a.get("id"), labels[a["category_id"]], a["segmentation"]))
 
-    by_split: dict[str, list[ImageTask]] = {s: [] for s in SPLITS}
-    for image_id in sorted(tasks):
-        by_split[split_of(image_id, opts.seed, opts.split)].append(tasks[image_id])
-    shards: list[ShardPlan] = []
-    for split in SPLITS:
-        items = by_split[split]
-        for j in range(0, len(items), opts.shard_size):
-            name = f"{split}-{j // opts.shard_size:06d}.tar"
-            shards.append(ShardPlan(name, split, len(shards), items[j : j + opts.shard_size]))
-
-    fingerprint = {
-        "tool_version": __version__,
-        "annotations_sha256": sha256,
-        "source": "images" if opts.images is not None else "lmdb",
-        "split": list(opts.split),
-        "seed": opts.seed,
-        "shard_size": opts.shard_size,
-        "drop_empty": opts.drop_empty,
-        "fix_size": opts.fix_size,
-        "max_images": opts.max_images,
-        "category_map": {str(k): v for k, v in sorted((cmap or {}).items())},
-        "png_compress_level": PNG_COMPRESS_LEVEL,
-    }
-    plan_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    plan_id = _plan_id(
+        opts,
+        {
+            "annotations_sha256": sha256,
+            "source": "images" if opts.images is not None else "lmdb",
+            "drop_empty": opts.drop_empty,
+            "fix_size": opts.fix_size,
+            "category_map": {str(k): v for k, v in sorted((cmap or {}).items())},
+        },
+    )
+    shards = _cut([tasks[i] for i in sorted(tasks)], opts)
     return Plan(space, str(sha256), plan_id, shards, rejects, counts)
 
 
+def _pixel_plan(opts: ShardOptions) -> Plan:
+    """Photos paired with label maps by file stem; the label names and their mapping checked first."""
+    names = load_label_names(opts.label_names)
+    mapping = load_label_mapping(opts.label_map, names)
+    pairing = pair_files(opts.images, opts.masks, opts.max_images)
+    counts: Counter = Counter({k: 0 for k in _PIXEL_COUNT_KEYS})
+    counts.update(pairing.counts)
+    tasks = [PixelTask(*pair) for pair in pairing.pairs]
+    schema = {"label_names": names, "label_map": mapping.by_name}
+    plan_id = _plan_id(
+        opts,
+        {
+            "source": "label_maps",
+            **schema,
+            "mask_variable": opts.mask_variable,
+            "pairs_sha256": hashlib.sha256(json.dumps(pairing.pairs).encode()).hexdigest(),
+        },
+    )
+    schema_sha256 = hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()
+    return Plan(mapping.space, schema_sha256, plan_id, _cut(tasks, opts), pairing.rejects, counts, mapping)
+
+
 # ------------------------------------------------------------------------------------------ per image
-
-
-class Rejected(Exception):
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
-_MAX_COORD = 1e15  # far beyond any image; keeps the clipping arithmetic exact enough
-_NUMBER_TYPES = frozenset((int, float))  # exact types: bool is an int subclass and is refused
-
-
-def check_polygon(polygon: object) -> str | None:
-    """Why pycocotools must not see this polygon (see the module docstring), or None if it may."""
-    if not isinstance(polygon, list | tuple):
-        return "polygon_not_a_list"  # numpy arrays are read as boxes, dicts as RLE
-    if len(polygon) < 6:
-        return "polygon_too_short"  # [] / 2 numbers raise, 4 numbers are read as a box
-    if len(polygon) % 2:
-        return "polygon_odd_length"
-    if not set(map(type, polygon)) <= _NUMBER_TYPES:
-        return "polygon_bad_value"  # strings, null, booleans, nested lists
-    try:
-        if not all(map(math.isfinite, polygon)) or max(map(abs, polygon)) >= _MAX_COORD:
-            return "polygon_bad_value"  # NaN, inf, absurd magnitudes
-    except OverflowError:
-        return "polygon_bad_value"  # an integer too large for a float
-    return None
-
-
-def _clip_halfplane(pts: list[tuple[float, float]], axis: int, bound: float, keep_below: bool) -> list:
-    out = []
-    for i, cur in enumerate(pts):
-        prev = pts[i - 1]
-        cin = cur[axis] <= bound if keep_below else cur[axis] >= bound
-        pin = prev[axis] <= bound if keep_below else prev[axis] >= bound
-        if cin != pin:
-            t = (bound - prev[axis]) / (cur[axis] - prev[axis])
-            x = prev[0] + t * (cur[0] - prev[0])
-            y = prev[1] + t * (cur[1] - prev[1])
-            out.append((bound, y) if axis == 0 else (x, bound))
-        if cin:
-            out.append(cur)
-    return out
-
-
-def clip_polygon(polygon: list[float], x0: float, y0: float, x1: float, y1: float) -> list[float]:
-    """Sutherland-Hodgman: the polygon cut to a rectangle (exact geometry), flat; [] when nothing is left."""
-    pts = list(zip(polygon[0::2], polygon[1::2], strict=True))
-    for axis, bound, below in ((0, x0, False), (0, x1, True), (1, y0, False), (1, y1, True)):
-        pts = _clip_halfplane(pts, axis, bound, below)
-        if not pts:
-            return []
-    return [float(v) for p in pts for v in p] if len(pts) >= 3 else []
 
 
 def _valid_polygons(segmentation: object, counts: Counter, rejects: list[dict], ids: dict) -> object:
@@ -485,7 +553,7 @@ def _instance_rle(
         if not isinstance(size, list | tuple) or list(size) != [height, width]:
             raise Rejected("rle_size_mismatch", f"RLE size {size!r}, image is {height}x{width}")
         if isinstance(rle_counts, list):
-            if not all(_is_int(c) and c >= 0 for c in rle_counts) or sum(rle_counts) != height * width:
+            if not all(is_int(c) and c >= 0 for c in rle_counts) or sum(rle_counts) != height * width:
                 raise Rejected("bad_rle", "uncompressed RLE counts must be non-negative and sum to h*w")
             return mask_utils.frPyObjects({"size": [height, width], "counts": rle_counts}, height, width)
         if isinstance(rle_counts, str | bytes):
@@ -494,14 +562,12 @@ def _instance_rle(
         raise Rejected("bad_rle", f"RLE counts of type {type(rle_counts).__name__}")
     polygons, indices = [], []
     for index, polygon in segmentation:
-        xs, ys = polygon[0::2], polygon[1::2]
-        lo_x, hi_x, lo_y, hi_y = min(xs), max(xs), min(ys), max(ys)
-        if lo_x < 0 or lo_y < 0 or hi_x > width or hi_y > height:
+        fitted, clipped = fit_polygon(polygon, width, height)
+        if clipped is not None:
             counts["polygons_clipped"] += 1  # pycocotools clips to the image itself
-            if lo_x < -width or lo_y < -height or hi_x > 2 * width or hi_y > 2 * height:
-                counts["polygons_far_clipped"] += 1  # it would overflow on these: cut them first
-                polygon = clip_polygon(list(polygon), -width, -height, 2 * width, 2 * height) or [0.0] * 6
-        polygons.append(polygon)
+        if clipped == "far_clipped":
+            counts["polygons_far_clipped"] += 1  # it would overflow on these: cut first
+        polygons.append(fitted)
         indices.append(index)
     rles = mask_utils.frPyObjects(polygons, height, width)
     areas = mask_utils.area(rles)
@@ -567,7 +633,8 @@ def inspect_image(data: bytes) -> ImageInfo:
     elif data.startswith(PNG_MAGIC):
         fmt = "PNG"
     else:
-        raise Rejected("unsupported_format", f"not JPEG or PNG; starts with {data[:8].hex()}")
+        other = next((name for magic, name in _OTHER_FORMATS if data.startswith(magic)), "an unknown format")
+        raise Rejected("unsupported_format", f"not JPEG or PNG: {other}")
     try:
         with Image.open(io.BytesIO(data), formats=[fmt]) as im:
             width, height, mode = im.width, im.height, im.mode
@@ -578,17 +645,37 @@ def inspect_image(data: bytes) -> ImageInfo:
         raise Rejected("image_too_large", str(e)) from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
         reason = "truncated_image" if "truncated" in str(e) else "corrupt_image"
-        raise Rejected(reason, f"{type(e).__name__}: {e}") from None
+        message = _BYTES_REPR.sub("<bytes>", str(e))  # PIL quotes e.g. a broken PNG chunk's name
+        raise Rejected(reason, f"{type(e).__name__}: {message}") from None
     return ImageInfo(fmt, mode, width, height)
 
 
 @dataclass(frozen=True)
 class _Source:
+    """Where the workers read, and what they need to convert: pickled once per worker process."""
+
     images: Path | None
     lmdb: Path | None
     fix_size: bool
     drop_empty: bool
     num_classes: int
+    masks: Path | None = None
+    mask_variable: str = DEFAULT_MASK_VARIABLE
+    lut: np.ndarray | None = None  # label maps: source label value -> label value
+
+    @classmethod
+    def of(cls, opts: ShardOptions, plan: Plan) -> _Source:
+        lut = plan.mapping.lut if plan.mapping is not None else None
+        return cls(
+            opts.images,
+            opts.lmdb,
+            opts.fix_size,
+            opts.drop_empty,
+            plan.label_space.num_classes,
+            opts.masks,
+            opts.mask_variable,
+            lut,
+        )
 
 
 _SOURCE: _Source | None = None
@@ -601,15 +688,23 @@ def _init_worker(source: _Source, progress: Any) -> None:
     _SOURCE, _PROGRESS = source, progress
 
 
+def _read_file(folder: Path, name: str, prefix: str = "") -> bytes:
+    """The bytes of the regular file folder/name, never a file outside `folder` (modaseg.files)."""
+    try:
+        return read_inside(folder, name)
+    except UnsafeFileError as e:
+        raise Rejected(prefix + e.reason, str(e)) from None
+    except FileNotFoundError:
+        raise Rejected(prefix + "missing_file", str(folder / name)) from None
+    except OSError as e:
+        raise Rejected(
+            prefix + "unreadable_file", f"{folder / name}: {e.strerror or type(e).__name__}"
+        ) from None
+
+
 def _read_bytes(task: ImageTask, source: _Source) -> tuple[bytes, str]:
     if source.images is not None:
-        path = source.images / task.file_name  # a plain name (checked while planning)
-        try:
-            return path.read_bytes(), f"images/{task.file_name}"
-        except FileNotFoundError:
-            raise Rejected("missing_file", str(path)) from None
-        except OSError as e:
-            raise Rejected("unreadable_file", f"{path}: {e}") from None
+        return _read_file(source.images, task.file_name), f"images/{task.file_name}"
     import lmdb
 
     env = _LMDB.get(os.getpid())
@@ -627,28 +722,73 @@ def _read_bytes(task: ImageTask, source: _Source) -> tuple[bytes, str]:
 
 @dataclass
 class ImageResult:
-    image_id: int
+    key: str
     sample: tuple[bytes, bytes, bytes] | None  # (jpg, png, json) or None when rejected
     class_pixels: list[int] | None
     rejects: list[dict]
     counts: Counter
 
 
-def process_image(task: ImageTask, source: _Source | None = None) -> ImageResult:
+def process_image(task: Task, source: _Source | None = None) -> ImageResult:
     """Check, read and rasterize one image. Never raises: the result says what happened and why."""
+    source = source or _SOURCE
     counts: Counter = Counter()
     rejects: list[dict] = []
     try:
-        sample, class_pixels = _convert(task, source or _SOURCE, counts, rejects)
+        if isinstance(task, PixelTask):
+            sample, class_pixels = _convert_pixels(task, source, counts)
+        else:
+            sample, class_pixels = _convert(task, source, counts, rejects)
     except Exception as e:  # one bad image must not end a 50k-image job: report it, go on
         r = e if isinstance(e, Rejected) else Rejected("unexpected_error", f"{type(e).__name__}: {e}")
         counts["images_rejected"] += 1
-        counts["annotations_of_rejected_images"] += len(task.annotations) - counts["annotations_rejected"]
-        counts["annotations_used"] = 0
-        counts["empty_kept"] = counts["samples_written"] = 0
-        rejects.append({"kind": "image", "reason": r.reason, "image_id": task.image_id, "detail": r.detail})
-        return ImageResult(task.image_id, None, None, rejects, counts)
-    return ImageResult(task.image_id, sample, class_pixels, rejects, counts)
+        if isinstance(task, ImageTask):
+            counts["annotations_of_rejected_images"] += len(task.annotations) - counts["annotations_rejected"]
+            counts["annotations_used"] = 0
+            counts["empty_kept"] = 0
+        counts["samples_written"] = 0
+        rejects.append({"kind": "image", "reason": r.reason, **task.ref(), "detail": r.detail})
+        return ImageResult(task.key, None, None, rejects, counts)
+    return ImageResult(task.key, sample, class_pixels, rejects, counts)
+
+
+def _sample(
+    data: bytes, info: ImageInfo, label: np.ndarray, meta: dict, num_classes: int, counts: Counter
+) -> tuple[tuple[bytes, bytes, bytes], list[int]]:
+    """(jpg, png, json) of one sample and its pixels per class; the json fields the loaders check."""
+    hist = label_histogram(label)
+    class_pixels = [int(v) for v in hist[:num_classes]]
+    meta = {
+        **meta,
+        "width": label.shape[1],
+        "height": label.shape[0],
+        "format": info.format,
+        "mode": info.mode,
+        "class_pixels": class_pixels,
+        "classes_present": [c for c in range(1, num_classes) if class_pixels[c]],
+        "ignore_pixels": int(hist[IGNORE_INDEX]),
+    }
+    sample = (data, encode_png(label), json.dumps(meta, sort_keys=True).encode())
+    counts["samples_written"] += 1
+    counts[f"images_{info.format.lower()}_{info.mode.lower()}"] += 1
+    return sample, class_pixels
+
+
+def _convert_pixels(
+    task: PixelTask, source: _Source, counts: Counter
+) -> tuple[tuple[bytes, bytes, bytes], list[int]]:
+    data = _read_file(source.images, task.photo)
+    info = inspect_image(data)
+    raw = _read_file(source.masks, task.label, "label_")
+    size = (info.height, info.width)
+    label = read_label_map(raw, task.label, source.mask_variable, size, source.lut)
+    meta = {
+        "id": task.key,
+        "file_name": task.photo,
+        "label_file": task.label,
+        "source": f"images/{task.photo}",
+    }
+    return _sample(data, info, label, meta, source.num_classes, counts)
 
 
 def _convert(
@@ -691,26 +831,14 @@ def _convert(
         raise Rejected("all_annotations_rejected", "an all-background label would be wrong")
 
     label = rasterize(instances, height, width)
-    hist = label_histogram(label)
-    class_pixels = [int(v) for v in hist[: source.num_classes]]
     meta = {
         "id": task.image_id,
         "file_name": task.file_name,
-        "width": width,
-        "height": height,
         "source": where,
-        "format": info.format,
-        "mode": info.mode,
-        "class_pixels": class_pixels,
-        "classes_present": [c for c in range(1, source.num_classes) if class_pixels[c]],
-        "ignore_pixels": int(hist[IGNORE_INDEX]),
         "num_instances": len(instances),
     }
-    sample = (data, encode_png(label), json.dumps(meta, sort_keys=True).encode())
     counts["empty_kept"] += not task.annotations
-    counts["samples_written"] += 1
-    counts[f"images_{info.format.lower()}_{info.mode.lower()}"] += 1
-    return sample, class_pixels
+    return _sample(data, info, label, meta, source.num_classes, counts)
 
 
 # -------------------------------------------------------------------------------------------- writing
@@ -757,27 +885,46 @@ class _ShardFile:
         self.tmp.unlink(missing_ok=True)
 
 
-def _write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _sidecar_path(out: Path, shard_name: str) -> Path:
     return out / PARTS_DIR / f"{shard_name}.json"
 
 
-def _done(out: Path, shard: ShardPlan, plan_id: str) -> dict | None:
-    """The shard's sidecar if the shard is complete for this plan (resume skips it), else None."""
+def _input_files(task: Task, source: _Source) -> list[Path]:
+    if isinstance(task, PixelTask):
+        return [source.images / task.photo, source.masks / task.label]
+    return [source.images / task.file_name] if source.images is not None else []
+
+
+def _inputs_fingerprint(shard: ShardPlan, source: _Source) -> str:
+    """Size and mtime of every file the shard is made from (an LMDB counts as one file): what `--resume`
+    compares, so a photo or label map changed since the shard was written makes it be written again."""
+    paths = [p for task in shard.images for p in _input_files(task, source)]
+    if source.lmdb is not None:
+        paths.append(source.lmdb / "data.mdb" if source.lmdb.is_dir() else source.lmdb)
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            size, mtime = file_fingerprint(path)
+        except OSError:
+            size, mtime = -1, -1
+        digest.update(f"{path.name}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _done(out: Path, shard: ShardPlan, plan_id: str, source: _Source) -> dict | None:
+    """The shard's sidecar if the shard is complete for this plan and unchanged inputs (resume skips it),
+    else None; a sidecar that does not parse or is not ours also means: write the shard again."""
     try:
         side = json.loads(_sidecar_path(out, shard.name).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
-    if side.get("plan_id") != plan_id or side.get("name") != shard.name:
+    if not isinstance(side, dict) or side.get("plan_id") != plan_id or side.get("name") != shard.name:
         return None
-    if side["num_samples"]:
+    if side.get("inputs") != _inputs_fingerprint(shard, source):
+        return None
+    if side.get("num_samples"):
         path = out / shard.name
-        if not path.is_file() or path.stat().st_size != side["size_bytes"]:
+        if not path.is_file() or path.stat().st_size != side.get("size_bytes"):
             return None
     return side
 
@@ -792,24 +939,11 @@ class RunResult:
     seconds: float = 0.0
 
 
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]sharding"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.0f} img/s"),
-        TextColumn("rejected {task.fields[rejected]}"),
-        TimeElapsedColumn(),
-        disable=not enabled,
-    )
-
-
 def _write_shard(job: tuple[ShardPlan, Path, str, int]) -> dict:
     """Convert one shard from start to finish in this process; returns (and writes) its sidecar.
     Workers write their own shards: the image bytes never travel between processes."""
     shard, out, plan_id, num_classes = job
+    inputs = _inputs_fingerprint(shard, _SOURCE)  # before reading: a file changed meanwhile is redone
     writer = None
     counts: Counter = Counter()
     rejects: list[dict] = []
@@ -824,7 +958,7 @@ def _write_shard(job: tuple[ShardPlan, Path, str, int]) -> dict:
             if r.sample is not None:
                 if writer is None:
                     writer = _ShardFile(out / shard.name)
-                writer.add(str(r.image_id), r.sample)
+                writer.add(r.key, r.sample)
                 num += 1
                 for c, n in enumerate(r.class_pixels):
                     class_pixels[c] += n
@@ -839,17 +973,19 @@ def _write_shard(job: tuple[ShardPlan, Path, str, int]) -> dict:
     sha, size = writer.finish() if writer is not None else ("", 0)
     side = {
         "plan_id": plan_id,
+        "inputs": inputs,
         "name": shard.name,
         "split": shard.split,
         "num_samples": num,
         "sha256": sha,
         "size_bytes": size,
+        "probe_sha256": probe_sha256(out / shard.name) if num else "",
         "class_pixels": class_pixels,
         "class_images": class_images,
         "counts": dict(sorted(counts.items())),
         "rejects": rejects,
     }
-    _write_json_atomic(_sidecar_path(out, shard.name), side)
+    write_json_atomic(_sidecar_path(out, shard.name), side, indent=None, sort_keys=True)
     return side
 
 
@@ -892,11 +1028,13 @@ def _check_lmdb(path: Path) -> None:
 def shard(opts: ShardOptions, plan: Plan | None = None) -> RunResult:
     """Convert this task's shards (all of them for a single task), then merge when single."""
     start = time.perf_counter()
-    if opts.images is not None and not opts.images.is_dir():
-        raise InputError(f"--images {opts.images} is not a folder")
+    for flag, folder in (("--images", opts.images), ("--masks", opts.masks)):
+        if folder is not None and not folder.is_dir():
+            raise InputError(f"{flag} {folder} is not a folder")
     if opts.lmdb is not None:
         _check_lmdb(opts.lmdb)
     plan = plan or make_plan(opts)
+    source = _Source.of(opts, plan)
     out = opts.out
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # about to change shards: a stale manifest would lie
@@ -904,19 +1042,12 @@ def shard(opts: ShardOptions, plan: Plan | None = None) -> RunResult:
     result = RunResult(manifest=None)
     todo = []
     for s in mine:
-        side = _done(out, s, plan.plan_id) if opts.resume else None
+        side = _done(out, s, plan.plan_id, source) if opts.resume else None
         if side is None:
             todo.append(s)
         else:
             result.shards_skipped += 1
             result.counts.update(side["counts"])
-    source = _Source(
-        opts.images if opts.images is not None else None,
-        opts.lmdb if opts.images is None else None,
-        opts.fix_size,
-        opts.drop_empty,
-        plan.label_space.num_classes,
-    )
     for s in todo:  # temporary files of a killed run (a still-running orphan then fails to rename)
         for stale in out.glob(f".{s.name}.*.tmp"):
             stale.unlink(missing_ok=True)
@@ -931,8 +1062,10 @@ def shard(opts: ShardOptions, plan: Plan | None = None) -> RunResult:
     progress = multiprocessing.Array("q", 2)
     jobs = [(s, out, plan.plan_id, plan.label_space.num_classes) for s in todo]
     offset = plan.counts["images_rejected"] if opts.num_tasks == 1 else 0
-    with _progress(opts.progress) as bar:
-        task_id = bar.add_task("images", total=sum(len(s.images) for s in todo), rate=0.0, rejected=offset)
+    with progress_bar(
+        opts.progress, "{task.fields[rate]:.0f} img/s", "rejected {task.fields[rejected]}"
+    ) as bar:
+        task_id = bar.add_task("sharding", total=sum(len(s.images) for s in todo), rate=0.0, rejected=offset)
         stop = threading.Event()
         watcher = threading.Thread(target=_watch, args=(bar, task_id, progress, offset, stop), daemon=True)
         watcher.start()
@@ -949,7 +1082,7 @@ def shard(opts: ShardOptions, plan: Plan | None = None) -> RunResult:
         result.rejects = Counter(result.manifest.rejects)
     else:
         for s in mine:
-            side = _done(out, s, plan.plan_id)
+            side = _done(out, s, plan.plan_id, source)
             for rj in side["rejects"] if side else []:
                 result.rejects[f"{rj['kind']}/{rj['reason']}"] += 1
     result.seconds = time.perf_counter() - start
@@ -959,16 +1092,17 @@ def shard(opts: ShardOptions, plan: Plan | None = None) -> RunResult:
 def merge(opts: ShardOptions, plan: Plan | None = None) -> Manifest:
     """Combine every shard's sidecar into rejects.jsonl and manifest.json (written last)."""
     plan = plan or make_plan(opts)
+    source = _Source.of(opts, plan)
     out = opts.out
     sides, missing = [], []
     for s in plan.shards:
-        side = _done(out, s, plan.plan_id)
+        side = _done(out, s, plan.plan_id, source)
         (missing if side is None else sides).append(s if side is None else side)
     if missing:
         owners = sorted({s.index % opts.num_tasks for s in missing}) if opts.num_tasks > 1 else []
         raise ManifestError(
-            f"{len(missing)} of {len(plan.shards)} shards are missing or incomplete in {out} "
-            f"(first: {', '.join(s.name for s in missing[:5])})"
+            f"{len(missing)} of {len(plan.shards)} shards are missing, incomplete or made from inputs "
+            f"changed since in {out} (first: {', '.join(s.name for s in missing[:5])})"
             + (f"; run task index(es) {owners} of {opts.num_tasks} (with --resume)" if owners else "")
             + ": finish them with --resume before merging"
         )
@@ -980,7 +1114,13 @@ def merge(opts: ShardOptions, plan: Plan | None = None) -> Manifest:
         info = splits[side["split"]]
         if side["num_samples"]:
             info.shards.append(
-                ShardInfo(side["name"], side["num_samples"], side["sha256"], side["size_bytes"])
+                ShardInfo(
+                    side["name"],
+                    side["num_samples"],
+                    side["sha256"],
+                    side["size_bytes"],
+                    side["probe_sha256"],
+                )
             )
         info.num_samples += side["num_samples"]
         info.class_pixels = [a + b for a, b in zip(info.class_pixels, side["class_pixels"], strict=True)]
@@ -989,11 +1129,8 @@ def merge(opts: ShardOptions, plan: Plan | None = None) -> Manifest:
         reject_lines.extend(side["rejects"])
     rejects = Counter(f"{r['kind']}/{r['reason']}" for r in reject_lines)
     check_invariants(counts)
-    tmp = out / f".{REJECTS_NAME}.tmp"
-    with tmp.open("w") as f:
-        for line in reject_lines:
-            f.write(json.dumps(line, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, out / REJECTS_NAME)
+    lines = "".join(json.dumps(line, sort_keys=True, default=str) + "\n" for line in reject_lines)
+    write_atomic(out / REJECTS_NAME, lines)
     manifest = Manifest(
         tool_version=__version__,
         annotations_sha256=plan.annotations_sha256,
@@ -1004,13 +1141,14 @@ def merge(opts: ShardOptions, plan: Plan | None = None) -> Manifest:
         splits=splits,
         counts=dict(sorted(counts.items())),
         rejects=dict(sorted(rejects.items())),
+        source_labels=dict(plan.mapping.by_name) if plan.mapping is not None else {},
     )
     write_manifest(manifest, out)
     return manifest
 
 
 def check_invariants(counts: Counter) -> None:
-    """Nothing lost: every image and every annotation of the file is accounted for exactly once."""
+    """Nothing lost: every image and every annotation of the input is accounted for exactly once."""
     images = counts["samples_written"] + counts["images_rejected"]
     anns = (
         counts["annotations_used"]
@@ -1069,12 +1207,13 @@ def _print_summary(result: RunResult, opts: ShardOptions) -> None:
         f"shards written {result.shards_written}, skipped (resume) {result.shards_skipped}; "
         f"{result.seconds:.1f} s, {rate:.0f} images/s"
     )
-    for key in _COUNT_KEYS[3:]:
+    for key in (_PIXEL_COUNT_KEYS if opts.pixel else _COUNT_KEYS)[3:]:
         console.print(f"  {key}: {c[key]}")
     if result.manifest is not None:
+        inputs = "photos + label maps without photo" if opts.pixel else "images in the file"
         console.print(
-            f"images in the file {c['images_in']} = samples written {c['samples_written']} "
-            f"+ images rejected {c['images_rejected']}: OK"
+            f"{inputs} {c['images_in']} = samples written {c['samples_written']} "
+            f"+ rejected {c['images_rejected']}: OK"
         )
         per_split = ", ".join(f"{k} {v.num_samples}" for k, v in result.manifest.splits.items())
         console.print(f"samples per split: {per_split}")
@@ -1094,14 +1233,23 @@ def _cpu_count() -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="modaseg-shard",
-        description="COCO polygon annotations + photos -> WebDataset shards, manifest.json, rejects.jsonl",
+        description="Photos + COCO polygon annotations or label maps -> WebDataset shards, manifest.json, "
+        "rejects.jsonl",
     )
     p.add_argument(
         "--annotations", type=Path, help="COCO instances JSON (e.g. modanet2018_instances_train.json)"
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--images", type=Path, help="folder of images named by the file_name entries")
+    src.add_argument("--images", type=Path, help="folder of the photos (COCO: named by file_name)")
     src.add_argument("--lmdb", type=Path, help="PaperDoll photos.lmdb (key = decimal image id)")
+    p.add_argument("--masks", type=Path, help="instead of --annotations: folder of label maps (.png, .tif, "
+                   ".mat), one per photo with the photo's file stem")  # fmt: skip
+    p.add_argument("--label-names", type=Path, help="with --masks: the label names, value k = name k (.mat "
+                   "cell array, .txt one per line, .json or .yaml list)")  # fmt: skip
+    p.add_argument("--label-map", type=Path, help="with --masks: YAML mapping every label name to a "
+                   "ModaNet class, background or ignore (configs/labelmaps/)")  # fmt: skip
+    p.add_argument("--mask-variable", default=DEFAULT_MASK_VARIABLE, help="the variable of a .mat label map "
+                   f"(default {DEFAULT_MASK_VARIABLE})")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
         "--split", default="0.6,0.25,0.15", help="train,val,test fractions (default 0.6,0.25,0.15)"
@@ -1113,7 +1261,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-empty", action="store_true", help="leave out images with no annotations")
     p.add_argument("--fix-size", action="store_true", help="use the decoded size when it differs")
     p.add_argument("--category-map", type=Path, help='JSON {"old id": new id | null | "ignore"}')
-    p.add_argument("--max-images", type=int, help="only the first N images of the file (a quick try)")
+    p.add_argument("--max-images", type=int, help="only the first N images (a quick try)")
     p.add_argument("--num-tasks", type=int, default=1, help="array job size (each task: shards j %% K == I)")
     p.add_argument("--task-index", type=int, default=0, help="this task's index (e.g. $SLURM_ARRAY_TASK_ID)")
     p.add_argument("--merge", action="store_true", help="only write the manifest from all tasks' shards")
@@ -1124,31 +1272,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     err = sys.stderr
     try:
-        if args.annotations is None:
+        if args.annotations is None and args.masks is None:
             if not args.verify:
-                raise InputError("--annotations is required (or use --verify alone to check a shard folder)")
+                raise InputError(
+                    "give --annotations FILE (COCO polygons) or --masks DIR (label maps), "
+                    "or --verify alone to check a shard folder"
+                )
         else:
+            given = {f.name: getattr(args, f.name) for f in fields(ShardOptions) if hasattr(args, f.name)}
             opts = ShardOptions(
-                annotations=args.annotations,
-                out=args.out,
-                images=args.images,
-                lmdb=args.lmdb,
-                split=parse_split(args.split),
-                seed=args.seed,
-                shard_size=args.shard_size,
-                workers=args.workers,
-                resume=args.resume,
-                drop_empty=args.drop_empty,
-                fix_size=args.fix_size,
-                num_tasks=args.num_tasks,
-                task_index=args.task_index,
-                category_map=args.category_map,
-                max_images=args.max_images,
-                progress=not args.no_progress,
+                **given | {"split": parse_split(args.split), "progress": not args.no_progress}
             )
             if args.merge:
                 manifest = merge(opts)
@@ -1163,16 +1300,19 @@ def main(argv: list[str] | None = None) -> int:
             if problems:
                 return 1
             print(f"verify: every shard in {args.out / MANIFEST_NAME} matches its sha256", file=err)
-    except InputError as e:
-        print(f"modaseg-shard: error: {e}", file=err)
-        return 2
-    except ManifestError as e:
+    except ManifestError as e:  # shards missing or not matching: exit 1, as a failed --verify
         print(f"modaseg-shard: {e}", file=err)
         return 1
+    except UserError:
+        raise  # run_cli: one line, exit 2
     except OSError as e:  # disk full, permissions, ...: finished shards are kept
         print(f"modaseg-shard: error: {e} (fix it, then rerun with --resume)", file=err)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("modaseg-shard", _main, argv)
 
 
 if __name__ == "__main__":

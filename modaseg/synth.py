@@ -11,7 +11,13 @@ uses for labels, so image and label map agree where instances overlap. Appearanc
 colour lookup: every class draws from a shared palette and shared textures (with a class-specific
 preference), under a lighting gradient, with background clutter in clothing colours and textures.
 
+Polygons are judged by modaseg/coco.py, the check the sharder applies: a polygon is painted exactly when
+the sharder labels it (far coordinates cut the same way, none without a pixel).
+
 Everything random comes from `numpy.random.default_rng([seed, ...])`, per image: same seed, same bytes.
+The annotation file says it was made here (a top-level `modaseg_synth` entry, which COCO readers
+ignore); an output folder whose annotations.json lacks it holds a dataset this tool did not write and
+is refused rather than overwritten.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from modaseg.classes import MODANET_CATEGORIES
+from modaseg.coco import InputError, check_polygon, fit_polygon, is_int, load_coco
+from modaseg.console import progress_bar, run_cli
+from modaseg.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,8 @@ FIRST_IMAGE_ID = 100001  # not 1: the zero-padded file names ("0100001.jpg") mus
 IMAGE_ID_STEP = 3  # gaps between ids, as in ModaNet: nothing may assume contiguous ids
 ANNOTATIONS_NAME = "annotations.json"
 IMAGES_DIR = "images"
+PROVENANCE = "modaseg_synth"  # top-level key of every annotation file written here
+MAX_SIDE = 4096  # the noise bank is 2x the image in each direction: 4096x4096 needs ~800 MB
 
 Point = tuple[float, float]
 Outline = list[
@@ -823,42 +834,44 @@ def _warn_stale(folder: Path, written: set[str]) -> None:
         )
 
 
-def _write_json_atomic(obj: dict, path: Path) -> None:
-    """Written last and atomically: a complete annotations.json means every image before it is there."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp, path)
+def _write_annotations(coco: dict, out: Path) -> Path:
+    """Written last and atomically: a complete annotations.json means every image before it is there.
+    Annotations are kept as given, a NaN coordinate too: the sharder then reports what paint skipped."""
+    return write_atomic(out / ANNOTATIONS_NAME, json.dumps(coco, separators=(",", ":")))
 
 
 def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("[bold blue]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("[cyan]{task.fields[rate]:>6.1f} img/s"),
-        TextColumn("{task.fields[anns]} annotations"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
+    return progress_bar(enabled, "[cyan]{task.fields[rate]:>6.1f} img/s", "{task.fields[anns]} annotations")
 
 
-def _check_quality(quality: int) -> None:
+def _check_options(seed: int, quality: int) -> None:
+    if seed < 0:
+        raise InputError(f"seed must be non-negative (a numpy SeedSequence entropy), got {seed}")
     if not 1 <= quality <= 100:
-        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+        raise InputError(f"JPEG quality must be in 1..100, got {quality}")
+
+
+def _claim(out: Path, source: Path | None = None) -> None:
+    """Create `out`, refusing a folder whose annotations.json this tool did not write (a real ModaNet
+    folder given as --out by mistake would lose its annotations and photos) or is the file being painted."""
+    ann = out / ANNOTATIONS_NAME
+    if ann.exists():
+        if source is not None and os.path.samefile(ann, source):
+            raise InputError(
+                f"--out {out}: the new {ANNOTATIONS_NAME} would overwrite the file being painted"
+            )
+        try:
+            existing = json.loads(ann.read_bytes())
+            info = existing.get("info") if isinstance(existing, dict) else None
+            older = isinstance(info, dict) and info.get("contributor") == "modaseg.synth"  # before PROVENANCE
+            ours = isinstance(existing, dict) and (PROVENANCE in existing or older)
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise InputError(
+                f"--out {out} holds an {ANNOTATIONS_NAME} modaseg-synth did not write: give a new folder"
+            )
+    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
 
 
 def generate(
@@ -873,12 +886,12 @@ def generate(
 ) -> Path:
     """Write `num_images` synthetic ModaNet-format images + annotations.json; return the annotations path."""
     if num_images < 1:
-        raise ValueError(f"num_images must be at least 1, got {num_images}")
-    if width < 64 or height < 64:
-        raise ValueError(f"image size must be at least 64x64, got {width}x{height}")
-    _check_quality(quality)
+        raise InputError(f"num_images must be at least 1, got {num_images}")
+    if not (64 <= width <= MAX_SIDE and 64 <= height <= MAX_SIDE):
+        raise InputError(f"image size must be 64..{MAX_SIDE} a side, got {width}x{height}")
+    _check_options(seed, quality)
     out = Path(out_dir)
-    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    _claim(out)
     bank = _make_bank(seed, width, height)
     images, annotations = [], []
     start = time.perf_counter()
@@ -928,11 +941,10 @@ def generate(
         "images": images,
         "annotations": annotations,
         "categories": _categories(),
+        PROVENANCE: {"mode": "generate", "seed": seed},
     }
     _warn_stale(out / IMAGES_DIR, {im["file_name"] for im in images})
-    path = out / ANNOTATIONS_NAME
-    _write_json_atomic(coco, path)
-    return path
+    return _write_annotations(coco, out)
 
 
 @dataclass
@@ -942,33 +954,15 @@ class PaintReport:
     skipped: Counter = field(default_factory=Counter)
 
 
-def _load_coco(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        coco = json.load(f)
-    if not isinstance(coco, dict):
-        raise ValueError(f"{path}: expected a COCO object at the top level, got {type(coco).__name__}")
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(coco.get(k), list)]
-    if missing:
-        raise ValueError(f"{path}: missing or non-list COCO key(s): {', '.join(missing)}")
-    return coco
-
-
-def _paint_polygons(segmentation: object) -> tuple[list[list[int]], str | None]:
-    """Polygons fit to paint, or the reason none are (pycocotools edge cases: notes/modanet.md)."""
+def _paint_polygons(segmentation: object, width: int, height: int) -> tuple[list, str | None]:
+    """The polygons the sharder labels (modaseg.coco's check, far coordinates cut as it cuts them, none
+    that covers no pixel), or the reason there are none."""
     if not isinstance(segmentation, list):
         return [], "non-polygon segmentation (RLE)"
-    good = []
-    for p in segmentation:
-        if (
-            not isinstance(p, list)
-            or len(p) < 6
-            or len(p) % 2
-            or not all(isinstance(x, (int, float)) for x in p)
-        ):
-            continue
-        good.append(p)
+    good = [fit_polygon(p, width, height)[0] for p in segmentation if check_polygon(p) is None]
+    if good:
+        areas = mask_utils.area(mask_utils.frPyObjects(good, height, width))
+        good = [p for p, area in zip(good, areas, strict=True) if area > 0]
     return good, (None if good else "no valid polygon (needs >= 3 points, even length)")
 
 
@@ -1009,25 +1003,32 @@ def paint(
 ) -> Path:
     """Render one image per image of a real annotation file; write it (first `limit` images) next to them."""
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
-    _check_quality(quality)
-    coco = _load_coco(Path(annotations_file))
+        raise InputError(f"limit must be at least 1, got {limit}")
+    _check_options(seed, quality)
+    coco, source_sha256 = load_coco(annotations_file)
     report = report if report is not None else PaintReport()
     images = coco["images"][:limit] if limit is not None else list(coco["images"])
     for im in images:
+        if not isinstance(im, dict):
+            raise InputError(f"image entry {str(im)[:100]}: not a JSON object")
         for key in ("id", "width", "height"):
-            if not isinstance(im.get(key), int) or (key != "id" and im[key] < 1):
-                raise ValueError(f"image entry {im.get('id', im)!r}: missing or invalid {key!r}")
+            if not is_int(im.get(key)) or (key != "id" and not 1 <= im[key] <= MAX_SIDE):
+                raise InputError(
+                    f"image entry {im.get('id', im)!r}: missing or invalid {key!r} (sizes: 1..{MAX_SIDE})"
+                )
     keep = {im["id"] for im in images}
     if len(keep) != len(images):
-        raise ValueError(f"{annotations_file}: duplicate image ids among the first {len(images)} images")
+        raise InputError(f"{annotations_file}: duplicate image ids among the first {len(images)} images")
     by_image: dict[int, list[dict]] = {i: [] for i in keep}
-    for ann in coco["annotations"]:
-        if ann.get("image_id") in by_image:
-            by_image[ann["image_id"]].append(ann)
-    names = {c["id"]: c["name"] for c in coco["categories"]}
+    anns = [a for a in coco["annotations"] if isinstance(a, dict) and a.get("image_id") in keep]
+    for ann in anns:
+        by_image[ann["image_id"]].append(ann)
+    try:
+        names = {c["id"]: c["name"] for c in coco["categories"]}
+    except (TypeError, KeyError):
+        raise InputError(f"{annotations_file}: every category needs an id and a name") from None
     out = Path(out_dir)
-    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    _claim(out, Path(annotations_file))
     banks: dict[tuple[int, int], _NoiseBank] = {}
     written_images = []
     start = time.perf_counter()
@@ -1042,7 +1043,7 @@ def paint(
             rng = np.random.default_rng([seed, index, 0x9A1])
             instances = []
             for ann in by_image[im["id"]]:
-                polys, reason = _paint_polygons(ann.get("segmentation"))
+                polys, reason = _paint_polygons(ann.get("segmentation"), width, height)
                 if reason is None and ann.get("category_id") not in names:
                     reason = "unknown category id"
                 if reason is not None:
@@ -1061,24 +1062,23 @@ def paint(
             bar.update(task, advance=1, rate=(index + 1) / (time.perf_counter() - start), anns=n_anns)
     result = dict(coco)
     result["images"] = written_images
-    result["annotations"] = [a for a in coco["annotations"] if a.get("image_id") in keep]
+    result["annotations"] = anns
+    result[PROVENANCE] = {"mode": "paint", "seed": seed, "source_sha256": source_sha256}
     _warn_stale(out / IMAGES_DIR, {im["file_name"] for im in written_images})
-    path = out / ANNOTATIONS_NAME
-    _write_json_atomic(result, path)
-    return path
+    return _write_annotations(result, out)
 
 
 def summarise(annotations_path: str | Path) -> dict:
     """Counts per category (instances, pixels from the polygons' `area`), for the end-of-run table."""
-    coco = json.loads(Path(annotations_path).read_text(encoding="utf-8"))
+    coco, _ = load_coco(annotations_path)
     names = {c["id"]: c["name"] for c in coco["categories"]}
     sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
     inst, pix = Counter(), Counter()
     for a in coco["annotations"]:
         inst[a["category_id"]] += 1
-        polys, _ = _paint_polygons(a.get("segmentation"))
-        if polys and a.get("image_id") in sizes:  # ModaNet's own `area` is the bbox's: measure the polygons
-            pix[a["category_id"]] += _instance_area(polys, *sizes[a["image_id"]])
+        if a.get("image_id") in sizes:  # ModaNet's own `area` is the bbox's: measure the polygons
+            polys, _ = _paint_polygons(a.get("segmentation"), *sizes[a["image_id"]])
+            pix[a["category_id"]] += _instance_area(polys, *sizes[a["image_id"]]) if polys else 0
     return {
         "images": len(coco["images"]),
         "annotations": len(coco["annotations"]),
@@ -1108,7 +1108,7 @@ def _print_summary(summary: dict, path: Path, seconds: float, skipped: Counter |
         )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="modaseg-synth",
         description="Write a ModaNet-format dataset (annotations.json + images/%%07d.jpg): synthetic people, "
@@ -1128,19 +1128,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--limit needs --from-annotations")
     start = time.perf_counter()
     skipped = None
-    try:
-        if args.from_annotations is not None:
-            report = PaintReport()
-            path = paint(args.from_annotations, args.out, seed=args.seed, limit=args.limit, quality=args.quality,
-                         progress=not args.no_progress, report=report)  # fmt: skip
-            skipped = report.skipped
-        else:
-            path = generate(args.out, args.num_images, seed=args.seed, width=args.width, height=args.height,
-                            quality=args.quality, progress=not args.no_progress)  # fmt: skip
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+    if args.from_annotations is not None:
+        report = PaintReport()
+        path = paint(args.from_annotations, args.out, seed=args.seed, limit=args.limit, quality=args.quality,
+                     progress=not args.no_progress, report=report)  # fmt: skip
+        skipped = report.skipped
+    else:
+        path = generate(args.out, args.num_images, seed=args.seed, width=args.width, height=args.height,
+                        quality=args.quality, progress=not args.no_progress)  # fmt: skip
     _print_summary(summarise(path), path, time.perf_counter() - start, skipped)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("modaseg-synth", _main, argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""modaseg-shard against independent references: pycocotools' COCO.annToMask on real ModaNet polygons,
-the documented overlap rule, and plain tarfile / webdataset readers."""
+"""modaseg-shard against independent references: pycocotools' COCO.annToMask on real ModaNet polygons
+(or modaseg-synth's overlapping ones), the documented overlap rule, scipy.io.loadmat + a lookup table for
+label-map sources, and plain tarfile / webdataset readers."""
 
 from __future__ import annotations
 
@@ -15,20 +16,27 @@ import sys
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.io
+import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from modaseg import shard as sh
+from modaseg.classes import MODANET
 from modaseg.manifest import ManifestError, read_manifest
 
 SAMPLE = Path(__file__).parents[1] / ".." / "shared" / "data" / "modanet-sample"
 TRAIN_SUBSET = SAMPLE / "modanet_train_subset_a.json"
 VAL_FILE = SAMPLE / "modanet2018_instances_val.json"
+CCP = Path(__file__).parents[1] / ".." / "shared" / "data" / "ccp-dev"
+CCP_MAP = Path(__file__).parents[1] / "configs" / "labelmaps" / "ccp-to-modanet.yaml"
 W, H = 64, 96
 
 
@@ -96,17 +104,17 @@ def run(tmp: Path, coco: dict, images_dir: Path | None, plan_coco: bool = False,
     return result.manifest, out, read_samples(out)
 
 
-def read_samples(out: Path) -> dict[int, dict]:
+def read_samples(out: Path, key_type: Callable = int) -> dict:
     """Every sample of every shard in the manifest, with plain tarfile."""
     manifest = read_manifest(out)
-    samples: dict[int, dict] = {}
+    samples: dict = {}
     for split in manifest.splits:
         for path in manifest.shard_paths(out, split):
             with tarfile.open(path) as tar:
                 for member in tar.getmembers():
                     key, ext = member.name.split(".", 1)
                     data = tar.extractfile(member).read()
-                    samples.setdefault(int(key), {"split": split})[ext] = data
+                    samples.setdefault(key_type(key), {"split": split})[ext] = data
     for s in samples.values():
         s["mask"] = np.array(Image.open(io.BytesIO(s["png"])))
         s["meta"] = json.loads(s["json"])
@@ -114,7 +122,7 @@ def read_samples(out: Path) -> dict[int, dict]:
 
 
 def assert_invariants(manifest, out: Path) -> None:
-    c = manifest.counts
+    c = Counter(manifest.counts)  # label-map sources count no annotations
     assert c["images_in"] == c["samples_written"] + c["images_rejected"]
     assert c["annotations_in"] == (
         c["annotations_used"]
@@ -150,14 +158,19 @@ def shard_hashes(out: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------ real annotations
 
 
-@pytest.fixture(scope="module")
-def painted(tmp_path_factory) -> Path:
-    """Real ModaNet polygons (400x600) with images painted by modaseg-synth's paint mode."""
-    needs_sample(TRAIN_SUBSET)
+@pytest.fixture(scope="module", params=["modanet-polygons", "synthetic-polygons"])
+def painted(request, tmp_path_factory) -> Path:
+    """Real ModaNet polygons (400x600) with images painted by modaseg-synth's paint mode, when
+    ../shared has them; and always modaseg-synth's own overlapping polygons (belt over top, outer over
+    top), so the oracle runs on a clean clone too."""
     from modaseg import synth
 
     root = tmp_path_factory.mktemp("painted")
-    synth.paint(TRAIN_SUBSET, root, seed=0, limit=40, progress=False)
+    if request.param == "synthetic-polygons":
+        synth.generate(root, 40, seed=0, width=160, height=240, progress=False)
+    else:
+        needs_sample(TRAIN_SUBSET)
+        synth.paint(TRAIN_SUBSET, root, seed=0, limit=40, progress=False)
     return root
 
 
@@ -188,11 +201,19 @@ def test_masks_equal_pycocotools_reference(painted, tmp_path):
     assert manifest.classes[1:] == [c["name"] for c in coco_dict["categories"]]
 
 
-def test_real_val_file_is_a_clear_error(tmp_path, capsys):
-    needs_sample(VAL_FILE)
-    (tmp_path / "images").mkdir()
+@pytest.mark.parametrize("source", ["real val file", "generated"])
+def test_a_file_without_annotations_is_a_clear_error(tmp_path, capsys, source):
+    """ModaNet's val file ships without annotations."""
+    if source == "generated":
+        coco, _ = small_dataset(tmp_path)
+        val = tmp_path / "val.json"
+        val.write_text(json.dumps({**coco, "annotations": []}))
+    else:
+        needs_sample(VAL_FILE)
+        val = VAL_FILE
+    (tmp_path / "images").mkdir(exist_ok=True)
     out = tmp_path / "out"
-    code = sh.main(["--annotations", str(VAL_FILE), "--images", str(tmp_path / "images"), "--out", str(out)])
+    code = sh.main(["--annotations", str(val), "--images", str(tmp_path / "images"), "--out", str(out)])
     assert code == 2
     assert "no annotations" in capsys.readouterr().err
     assert not out.exists()
@@ -476,6 +497,17 @@ def test_integrity_check_catches_every_truncation(variant):
         assert e.value.reason in ("truncated_image", "corrupt_image")
 
 
+def test_decoder_messages_never_quote_file_bytes(monkeypatch):
+    def broken(*args, **kwargs):
+        raise SyntaxError("broken PNG file (chunk b'SE\\'CR')")  # as PIL words it
+
+    monkeypatch.setattr(sh.Image, "open", broken)
+    with pytest.raises(sh.Rejected) as e:
+        sh.inspect_image(sh.PNG_MAGIC + bytes(64))
+    assert e.value.reason == "corrupt_image"
+    assert e.value.detail == "SyntaxError: broken PNG file (chunk <bytes>)"
+
+
 def test_unexpected_error_rejects_one_image_and_the_job_goes_on(tmp_path, monkeypatch):
     coco, images_dir = small_dataset(tmp_path)
     real = sh.inspect_image
@@ -711,3 +743,430 @@ def test_png_and_histogram_match_pil_and_numpy(shape):
     np.testing.assert_array_equal(np.array(decoded), label)
     assert png == sh.encode_png(label.copy()), "deterministic bytes"
     np.testing.assert_array_equal(sh.label_histogram(label), np.bincount(label.ravel(), minlength=256))
+
+
+# ------------------------------------------------------------------------------------ label-map sources
+
+PIXEL_NAMES = ["null", "skin", "shoes", "sandals", "coat", "jeans", "romper", "tie"]
+PIXEL_MAP = {"null": "background", "skin": "background", "shoes": "footwear", "sandals": "footwear",
+             "coat": "outer", "jeans": "pants", "romper": "ignore", "tie": "scarf/tie"}  # fmt: skip
+SECRET = b"PRIVATE-KEY-MATERIAL outside the data folder"
+
+
+def source_labels(seed: int, h: int = H, w: int = W, n: int = len(PIXEL_NAMES)) -> np.ndarray:
+    """A label map of 8x8 blocks holding every source value."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, n, size=(-(-h // 8), -(-w // 8)))
+    blocks.flat[:n] = np.arange(n)
+    return np.kron(blocks, np.ones((8, 8), np.int64))[:h, :w].astype(np.uint8)
+
+
+def label_file_bytes(array: np.ndarray, fmt: str, variable: str = "groundtruth") -> bytes:
+    buf = io.BytesIO()
+    if fmt == "mat":
+        scipy.io.savemat(buf, {variable: array}, do_compression=True)
+    else:
+        Image.fromarray(array).save(buf, {"png": "PNG", "tif": "TIFF"}[fmt])
+    return buf.getvalue()
+
+
+def pixel_dataset(root: Path, n: int = 6, fmt: str = "mat") -> dict[str, Path]:
+    """n photos 0000.jpg.. with label maps 0000.<fmt>, CCP-style label names (.mat cell array) and a
+    mapping onto ModaNet."""
+    photos, masks = root / "photos", root / "masks"
+    photos.mkdir(parents=True)
+    masks.mkdir()
+    for i in range(n):
+        (photos / f"{i:04d}.jpg").write_bytes(jpeg_bytes(i))
+        (masks / f"{i:04d}.{fmt}").write_bytes(label_file_bytes(source_labels(i), fmt))
+    scipy.io.savemat(root / "label_list.mat", {"label_list": np.array([PIXEL_NAMES], dtype=object)})
+    (root / "map.yaml").write_text(yaml.safe_dump({"target": "modanet", "labels": PIXEL_MAP}))
+    return {
+        "images": photos,
+        "masks": masks,
+        "label_names": root / "label_list.mat",
+        "label_map": root / "map.yaml",
+    }
+
+
+def pixel_args(ds: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in ds.items()]
+    return [*args, f"--out={out}", "--shard-size=2", "--workers=1", "--no-progress", *extra]
+
+
+def run_pixels(ds: dict[str, Path], out: Path, **kw) -> tuple:
+    opts = sh.ShardOptions(out=out, progress=False, **{"shard_size": 2, **ds, **kw})
+    result = sh.shard(opts)
+    assert result.manifest is not None
+    return result.manifest, out, read_samples(out, str)
+
+
+def expected_label(path: Path, names: list[str], mapping: dict[str, str]) -> np.ndarray:
+    """The oracle: the source label map as scipy or PIL reads it, through a lookup table built here."""
+    raw = scipy.io.loadmat(path)["groundtruth"] if path.suffix == ".mat" else np.array(Image.open(path))
+    value = {name: label for label, name in enumerate(MODANET.names)} | {"ignore": 255}
+    return np.array([value[mapping[n]] for n in names], np.uint8)[raw]
+
+
+@pytest.mark.parametrize("source", ["mat", "png", "tif", "ccp"])
+def test_label_maps_equal_the_mapping_applied_to_the_source(tmp_path, source):
+    if source == "ccp":
+        if not (CCP / "label_list.mat").is_file():
+            pytest.skip(f"Clothing Co-Parsing not found at {CCP} (../shared/data/ccp-dev)")
+        ds = {"images": CCP / "photos", "masks": CCP / "annotations" / "pixel-level",
+              "label_names": CCP / "label_list.mat", "label_map": CCP_MAP}  # fmt: skip
+        names = [str(c[0]) for c in scipy.io.loadmat(ds["label_names"])["label_list"][0]]
+        mapping = yaml.safe_load(CCP_MAP.read_text())["labels"]
+        extra = ["--max-images=24"]
+    else:
+        ds, names, mapping, extra = pixel_dataset(tmp_path / "data", fmt=source), PIXEL_NAMES, PIXEL_MAP, []
+    out = tmp_path / "out"
+    assert sh.main(pixel_args(ds, out, *extra)) == 0
+    manifest, samples = read_manifest(out), read_samples(out, str)
+    assert_invariants(manifest, out)
+    photos = sorted(p for p in ds["images"].iterdir())[: 24 if extra else None]
+    assert sorted(samples) == [p.stem for p in photos] and manifest.rejects == {}
+    pixels = np.zeros(14, np.int64)
+    for photo in photos:
+        s = samples[photo.stem]
+        (label_path,) = ds["masks"].glob(f"{photo.stem}.*")
+        want = expected_label(label_path, names, mapping)
+        np.testing.assert_array_equal(s["mask"], want, err_msg=photo.name)
+        assert s["jpg"] == photo.read_bytes()
+        counts = np.bincount(want.ravel(), minlength=256)
+        assert s["meta"]["class_pixels"] == counts[:14].tolist()
+        assert s["meta"]["ignore_pixels"] == counts[255]
+        assert (s["meta"]["id"], s["meta"]["width"], s["meta"]["height"]) == (photo.stem, *want.shape[::-1])
+        assert s["split"] == sh.split_of(photo.stem, 0, sh.DEFAULT_SPLIT)
+        pixels += counts[:14]
+    assert manifest.classes == list(MODANET.names), "the label space of ModaNet shards, exactly"
+    assert manifest.category_to_label == {str(i): i for i in range(1, 14)}
+    total = np.sum([manifest.splits[s].class_pixels for s in manifest.splits], axis=0)
+    assert total.tolist() == pixels.tolist()
+    assert manifest.source_labels == {n: expected_label_value(mapping[n]) for n in names}
+
+
+def expected_label_value(target: str) -> int:
+    return 255 if target == "ignore" else list(MODANET.names).index(target)
+
+
+def _label(make: Callable[[np.ndarray], bytes], name: str = "0002.mat", replace: bool = True):
+    """Sample 0002's label map written by `make` as `name`, instead of 0002.mat or beside it."""
+
+    def mutate(ds):
+        if replace:
+            (ds["masks"] / "0002.mat").unlink()
+        (ds["masks"] / name).write_bytes(make(source_labels(2)))
+
+    return mutate
+
+
+def _photo(data: bytes, name: str = "0002.jpg"):
+    def mutate(ds):
+        (ds["images"] / name).write_bytes(data)
+
+    return mutate
+
+
+def _remove(folder: str, name: str):
+    def mutate(ds):
+        (ds[folder] / name).unlink()
+
+    return mutate
+
+
+def _fifo(folder: str, name: str):
+    def mutate(ds):
+        (ds[folder] / name).unlink()
+        os.mkfifo(ds[folder] / name)
+
+    return mutate
+
+
+def _symlink_out(folder: str, name: str):
+    def mutate(ds):
+        (ds["images"].parent / "outside").write_bytes(SECRET)
+        (ds[folder] / name).unlink()
+        (ds[folder] / name).symlink_to(Path("..") / "outside")
+
+    return mutate
+
+
+def _folder_named(folder: str, name: str):
+    def mutate(ds):
+        (ds[folder] / name).unlink()
+        (ds[folder] / name).mkdir()
+
+    return mutate
+
+
+def _dotted_stem(ds):
+    (ds["images"] / "00.02.jpg").write_bytes(jpeg_bytes(9))
+    (ds["masks"] / "00.02.mat").write_bytes(label_file_bytes(source_labels(9), "mat"))
+
+
+# (case, mutation, expected rejects {kind/reason: count}, sample 0002 kept?)
+BAD_PIXEL_INPUTS = [
+    ("label map of another size", _label(lambda a: label_file_bytes(a[:-1], "mat")),
+     {"image/label_size_mismatch": 1}, False),
+    ("png label map of another size", _label(lambda a: label_file_bytes(a[:, :-8], "png"), "0002.png"),
+     {"image/label_size_mismatch": 1}, False),
+    ("RGB png label map", _label(lambda a: label_file_bytes(np.stack([a] * 3, -1), "png"), "0002.png"),
+     {"image/label_not_single_channel": 1}, False),
+    ("a value with no name", _label(lambda a: label_file_bytes(a + 1, "mat")), {"image/label_unknown_values": 1}, False),
+    ("truncated .mat", _label(lambda a: label_file_bytes(a, "mat")[:-40]), {"image/label_truncated": 1}, False),
+    ("garbage .mat", _label(lambda a: b"MATLAB 5.0 MAT-file" + bytes(300)), {"image/label_corrupt": 1}, False),
+    ("no variable groundtruth", _label(lambda a: label_file_bytes(a, "mat", "labels")),
+     {"image/label_variable_missing": 1}, False),
+    ("truncated photo", _photo(jpeg_bytes(2)[:-300]), {"image/truncated_image": 1}, False),
+    ("GIF behind .jpg", _photo(jpeg_bytes(2, fmt="GIF")), {"image/unsupported_format": 1}, False),
+    ("secret behind .jpg", _photo(SECRET), {"image/unsupported_format": 1}, False),
+    ("photo without label map", _remove("masks", "0002.mat"), {"image/missing_label_map": 1}, False),
+    ("label map without photo", _remove("images", "0002.jpg"), {"image/missing_photo": 1}, False),
+    ("two photos, one stem", _photo(jpeg_bytes(2, fmt="PNG"), "0002.png"), {"image/duplicate_key": 1}, True),
+    ("two label maps, one stem", _label(lambda a: label_file_bytes(a, "png"), "0002.png", replace=False),
+     {"image/duplicate_label_map": 1}, False),
+    ("a dot in the stem", _dotted_stem, {"image/unsafe_key": 1}, True),
+    ("photo is a FIFO", _fifo("images", "0002.jpg"), {"image/not_a_regular_file": 1}, False),
+    ("label map is a FIFO", _fifo("masks", "0002.mat"), {"image/label_not_a_regular_file": 1}, False),
+    ("photo links outside", _symlink_out("images", "0002.jpg"), {"image/outside_folder": 1}, False),
+    ("label map links outside", _symlink_out("masks", "0002.mat"), {"image/label_outside_folder": 1}, False),
+    ("photo is a folder", _folder_named("images", "0002.jpg"), {"image/not_a_regular_file": 1}, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected", "kept"), [c[1:] for c in BAD_PIXEL_INPUTS], ids=[c[0] for c in BAD_PIXEL_INPUTS]
+)
+def test_bad_label_map_input_is_rejected_with_its_reason(tmp_path, mutate, expected, kept):
+    ds = pixel_dataset(tmp_path / "data")
+    mutate(ds)
+    with deadline(60):
+        manifest, out, samples = run_pixels(ds, tmp_path / "out")
+    assert manifest.rejects == expected
+    assert_invariants(manifest, out)
+    assert ("0002" in samples) == kept
+    assert {"0000", "0001", "0003", "0004", "0005"} <= set(samples), "only the bad sample may be lost"
+    lines = (out / sh.REJECTS_NAME).read_bytes()
+    assert SECRET not in lines and SECRET[:8].hex().encode() not in lines, "no file bytes in the rejects"
+    assert all(json.loads(x)["key"] in ("0002", "00.02") for x in lines.splitlines())
+
+
+def test_other_and_hidden_files_are_ignored_and_counted(tmp_path):
+    ds = pixel_dataset(tmp_path / "data", n=3)
+    (ds["images"] / "README.txt").write_text("photos")
+    (ds["images"] / ".DS_Store").write_bytes(b"\0\0")
+    (ds["masks"] / "notes.md").write_text("labels")
+    manifest, _, samples = run_pixels(ds, tmp_path / "out")
+    assert manifest.rejects == {} and sorted(samples) == ["0000", "0001", "0002"]
+    assert manifest.counts["files_ignored"] == 2 and manifest.counts["images_in"] == 3
+
+
+def _unmapped(ds, args):
+    ds["label_map"].write_text(yaml.safe_dump({"target": "modanet", "labels": {**PIXEL_MAP, "romper": None}}))
+
+
+def _names_garbage(ds, args):
+    ds["label_names"].write_bytes(b"MATLAB 5.0" + bytes(100))
+
+
+def _unknown_target(ds, args):
+    ds["label_map"].write_text(
+        yaml.safe_dump({"target": "modanet", "labels": {**PIXEL_MAP, "coat": "coats"}})
+    )
+
+
+def _empty_masks(ds, args):
+    for p in ds["masks"].iterdir():
+        p.unlink()
+
+
+def _masks_is_a_file(ds, args):
+    args[1] = f"--masks={ds['label_names']}"
+
+
+def _option(*extra: str):
+    def mutate(ds, args):
+        args.extend(extra)
+
+    return mutate
+
+
+BAD_PIXEL_OPTIONS = [
+    ("--masks is a file", _masks_is_a_file, "is not a folder"),
+    ("--masks empty", _empty_masks, "holds no .png, .tif, .tiff, .mat files"),
+    ("label names do not parse", _names_garbage, "not a readable MATLAB 5 file"),
+    ("a label not mapped", _unmapped, "romper"),
+    ("an unknown target", _unknown_target, "coat -> 'coats'"),
+    ("--annotations too", _option("--annotations=a.json"), "not both"),
+    ("--fix-size", _option("--fix-size"), "--fix-size: for COCO annotations only"),
+    ("--mask-variable not a name", _option("--mask-variable=x; rm"), "is not a MATLAB variable name"),
+    ("one folder twice", _option("--masks=" + "{images}"), "must be two folders"),
+    ("a huge seed", _option(f"--seed={10**41}"), "--seed must be in"),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"), [c[1:] for c in BAD_PIXEL_OPTIONS], ids=[c[0] for c in BAD_PIXEL_OPTIONS]
+)
+def test_unusable_label_map_inputs_are_one_line_and_write_nothing(tmp_path, capsys, mutate, message):
+    ds = pixel_dataset(tmp_path / "data", n=2)
+    out = tmp_path / "out"
+    args = pixel_args(ds, out)
+    mutate(ds, args)
+    args = [a.format(**ds) if "{" in a else a for a in args]
+    assert sh.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modaseg-shard: error: ") and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_label_map_tasks_merge_resume_and_verify(tmp_path):
+    """The COCO path's machinery serves label maps too: array tasks + merge equal one run; --resume redoes
+    exactly the shard of a changed label map; --verify passes."""
+    ds = pixel_dataset(tmp_path / "data", n=9)
+    single, out1, _ = run_pixels(ds, tmp_path / "single")
+    tasks = tmp_path / "tasks"
+    for i in (1, 0, 2):
+        assert sh.main([*pixel_args(ds, tasks), "--num-tasks=3", f"--task-index={i}"]) == 0
+    assert sh.main([*pixel_args(ds, tasks), "--num-tasks=3", "--merge", "--verify"]) == 0
+    assert read_manifest(tasks) == single
+    assert shard_hashes(tasks) == shard_hashes(out1)
+    assert (tasks / sh.REJECTS_NAME).read_bytes() == (out1 / sh.REJECTS_NAME).read_bytes()
+
+    changed = source_labels(4)
+    changed[changed == 2] = 3  # shoes become sandals: same label value, then coat
+    changed[:8, :8] = 4
+    (ds["masks"] / "0004.mat").write_bytes(label_file_bytes(changed, "mat"))
+    shard_of = next(
+        i.name for s in single.splits.values() for i in s.shards if "0004.jpg" in tar_names(out1 / i.name)
+    )
+    before = {p.name: p.stat().st_mtime_ns for p in out1.glob("*.tar")}
+    assert sh.main([*pixel_args(ds, out1), "--resume", "--verify"]) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in out1.glob("*.tar")}
+    assert {n for n in before if before[n] != after[n]} == {shard_of}
+    np.testing.assert_array_equal(
+        read_samples(out1, str)["0004"]["mask"],
+        expected_label(ds["masks"] / "0004.mat", PIXEL_NAMES, PIXEL_MAP),
+    )
+
+
+def tar_names(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
+# ------------------------------------------------------------------------------- prepare-stage faults
+
+
+class Hung(BaseException):
+    """Raised in the main thread by a deadline: not an Exception, so no handler swallows it."""
+
+
+@contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail instead of hanging (a FIFO opened for reading blocks until a writer comes)."""
+
+    def fire(signum, frame):
+        raise Hung(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def coco_args(tmp_path: Path, coco: dict, images_dir: Path, out: Path, *extra: str) -> list[str]:
+    ann = tmp_path / "annotations.json"
+    ann.write_text(json.dumps(coco))
+    return ["--annotations", str(ann), "--images", str(images_dir), "--out", str(out), "--shard-size=3",
+            "--workers=1", "--no-progress", *extra]  # fmt: skip
+
+
+def test_two_images_with_one_file_name_are_not_both_sharded(tmp_path):
+    """Both would store the same photo, one with the other's labels, likely in another split."""
+    coco, images_dir = small_dataset(tmp_path, n=8)
+    coco["images"][5]["file_name"] = coco["images"][1]["file_name"]  # 116 reads 104's photo
+    out = tmp_path / "out"
+    assert sh.main(coco_args(tmp_path, coco, images_dir, out)) == 0
+    manifest, samples = read_manifest(out), read_samples(out)
+    assert manifest.rejects == {"image/duplicate_file_name": 1}
+    assert 104 in samples and 116 not in samples
+    assert_invariants(manifest, out)
+    (line,) = [json.loads(x) for x in (out / sh.REJECTS_NAME).read_text().splitlines()]
+    assert line["image_id"] == 116 and "104" in line["detail"]
+
+
+def test_fifo_and_links_out_of_the_images_folder_are_never_opened(tmp_path):
+    coco, images_dir = small_dataset(tmp_path, n=6)
+    (tmp_path / "secret.txt").write_bytes(SECRET)
+    (tmp_path / "elsewhere.jpg").write_bytes(jpeg_bytes(7))
+    (images_dir / "0000104.jpg").unlink()
+    os.mkfifo(images_dir / "0000104.jpg")  # would block the reader forever
+    (images_dir / "0000107.jpg").unlink()
+    (images_dir / "0000107.jpg").symlink_to(tmp_path / "secret.txt")
+    (images_dir / "0000110.jpg").unlink()
+    (images_dir / "0000110.jpg").symlink_to(Path("..") / "elsewhere.jpg")
+    (images_dir / "0000113.jpg").write_bytes(SECRET)  # inside the folder, but still not echoed
+    (images_dir / "linked.jpg").symlink_to("0000101.jpg")  # a link inside the folder is fine
+    coco["images"][5]["file_name"] = "linked.jpg"  # image 116
+    out = tmp_path / "out"
+    with deadline(60):
+        assert sh.main(coco_args(tmp_path, coco, images_dir, out)) == 0
+    manifest, samples = read_manifest(out), read_samples(out)
+    assert manifest.rejects == {
+        "image/not_a_regular_file": 1,
+        "image/outside_folder": 2,
+        "image/unsupported_format": 1,
+    }
+    assert set(samples) == {101, 116}
+    assert samples[116]["jpg"] == (images_dir / "0000101.jpg").read_bytes()
+    lines = (out / sh.REJECTS_NAME).read_bytes()
+    assert SECRET not in lines and SECRET[:8].hex().encode() not in lines
+    assert_invariants(manifest, out)
+
+
+def test_resume_redoes_the_shard_of_a_changed_photo(tmp_path):
+    coco, images_dir = small_dataset(tmp_path, n=12)
+    out = tmp_path / "out"
+    args = coco_args(tmp_path, coco, images_dir, out)
+    assert sh.main(args) == 0
+    shard_of = {k: s["split"] for k, s in read_samples(out).items()}
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    new = jpeg_bytes(40)
+    (images_dir / "0000107.jpg").write_bytes(new)
+    os.utime(images_dir / "0000107.jpg", ns=(1, 1))  # whatever the clock's resolution
+    assert sh.main([*args, "--resume", "--verify"]) == 0
+    samples = read_samples(out)
+    assert samples[107]["jpg"] == new
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    redone = {n for n in before if before[n] != after[n]}
+    assert len(redone) == 1 and next(iter(redone)).startswith(shard_of[107])
+    assert "107.jpg" in tar_names(out / next(iter(redone)))
+
+
+def test_a_malformed_sidecar_means_redo_not_a_crash(tmp_path):
+    coco, images_dir = small_dataset(tmp_path, n=6)
+    out = tmp_path / "out"
+    args = coco_args(tmp_path, coco, images_dir, out)
+    assert sh.main(args) == 0
+    reference = shard_hashes(out)
+    sidecars = sorted((out / sh.PARTS_DIR).glob("*.json"))
+    sidecars[0].write_text("[]")
+    sidecars[1].write_text('{"plan_id": 3')
+    assert sh.main([*args, "--resume"]) == 0
+    assert shard_hashes(out) == reference
+
+
+def test_huge_seed_is_one_line_not_a_traceback(tmp_path, capsys):
+    coco, images_dir = small_dataset(tmp_path)
+    out = tmp_path / "out"
+    for seed in (10**41, -(2**127) - 1):
+        assert sh.main(coco_args(tmp_path, coco, images_dir, out, f"--seed={seed}")) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("modaseg-shard: error: --seed must be in") and err.count("\n") == 1
+    assert not out.exists()
+    assert sh.main(coco_args(tmp_path, coco, images_dir, out, f"--seed={2**127 - 1}")) == 0

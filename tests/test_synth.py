@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from pycocotools.coco import COCO
 
 from modaseg import synth
 from modaseg.classes import MODANET_CATEGORIES
+from modaseg.coco import InputError
+from modaseg.manifest import read_manifest
+from modaseg.shard import main as shard_main
 
 SAMPLE = (
     Path(__file__).parents[1] / ".." / "shared" / "data" / "modanet-sample" / "modanet_train_subset_a.json"
@@ -153,22 +157,28 @@ def test_bad_arguments_are_named(tmp_path):
         synth.paint(tmp_path / "bad.json", tmp_path / "out", progress=False)
 
 
-def test_paint_mode_on_the_real_sample(tmp_path):
-    if not SAMPLE.is_file():
+@pytest.mark.parametrize("kind", ["real sample", "generated"])
+def test_paint_mode_keeps_the_annotations_it_paints(tmp_path, kind):
+    if kind == "generated":
+        annotations = synth.generate(tmp_path / "source", 10, seed=2, width=96, height=128, progress=False)
+    elif not SAMPLE.is_file():
         pytest.skip(f"real ModaNet sample not present at {SAMPLE}")
-    source = json.loads(SAMPLE.read_text())
+    else:
+        annotations = SAMPLE
+    source = json.loads(annotations.read_text())
     limit = 7
-    path = synth.paint(SAMPLE, tmp_path, seed=1, limit=limit, progress=False)
+    out_dir = tmp_path / "painted"
+    path = synth.paint(annotations, out_dir, seed=1, limit=limit, progress=False)
     out = json.loads(path.read_text())
     want_ids = [im["id"] for im in source["images"][:limit]]
     assert [im["id"] for im in out["images"]] == want_ids
-    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted(f"{i:07d}.jpg" for i in want_ids)
+    assert sorted(p.name for p in (out_dir / "images").iterdir()) == sorted(f"{i:07d}.jpg" for i in want_ids)
     keep = set(want_ids)
     assert out["annotations"] == [a for a in source["annotations"] if a["image_id"] in keep]
     assert out["annotations"] and out["categories"] == source["categories"]
     assert out["info"] == source["info"]
     for im in out["images"]:
-        with Image.open(tmp_path / "images" / im["file_name"]) as img:
+        with Image.open(out_dir / "images" / im["file_name"]) as img:
             assert img.size == (im["width"], im["height"])
     assert len(COCO(str(path)).getImgIds()) == limit
 
@@ -208,3 +218,88 @@ def test_cli_smoke(tmp_path, capsys):
         synth.main(["--out", str(tmp_path), "--limit", "3"])
     assert exc.value.code == 2
     assert "--limit needs --from-annotations" in capsys.readouterr().err
+
+
+def test_paint_draws_exactly_what_the_sharder_labels(tmp_path):
+    """One polygon check (modaseg.coco) for both: booleans and NaN are neither painted nor labelled,
+    coordinates far outside the image are cut the same way, a polygon without a pixel is neither."""
+    coco = {
+        "images": [{"id": 7, "file_name": "x.jpg", "width": 120, "height": 160}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 9, "segmentation": [[10, 10, 100, 10, 100, 80, 10, 80]]},
+            {"id": 2, "image_id": 7, "category_id": 2, "segmentation": [[True] * 8]},
+            {"id": 3, "image_id": 7, "category_id": 6, "segmentation": [[math.nan, 5, 50, 5, 50, 50]]},
+            {
+                "id": 4,
+                "image_id": 7,
+                "category_id": 13,
+                "segmentation": [[0, 0, 30, 0, 30, 30, 0, 30], [1e9, 1e9, 2e9, 1e9, 2e9, 2e9]],
+            },
+            {"id": 5, "image_id": 7, "category_id": 5, "segmentation": [[-1e9, -1e9, 1e9, -1e9, 0, 1e9]]},
+        ],
+        "categories": [{"id": i, "name": n} for i, n in MODANET_CATEGORIES],
+    }
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(coco))
+    report = synth.PaintReport()
+    painted = synth.paint(src, tmp_path / "painted", report=report, progress=False)
+    assert report.skipped == Counter({"no valid polygon (needs >= 3 points, even length)": 2})
+    out = tmp_path / "shards"
+    args = ["--annotations", str(painted), "--images", str(painted.parent / "images"), "--out", str(out)]
+    assert shard_main([*args, "--workers", "1", "--no-progress"]) == 0
+    manifest = read_manifest(out)
+    assert manifest.rejects == {
+        "annotation/no_valid_polygons": 2,  # exactly the two paint left out
+        "polygon/polygon_bad_value": 2,
+        "polygon/polygon_no_pixels": 1,
+    }
+    assert manifest.counts["samples_written"] == 1 and manifest.counts["polygons_far_clipped"] == 2
+    present = [c for s in manifest.splits.values() for c, n in enumerate(s.class_pixels) if n]
+    assert sorted(present) == [5, 9, 13], "labelled: what was painted (outer, top, scarf/tie)"
+
+
+def test_paint_never_overwrites_the_file_it_paints(tmp_path):
+    source = synth.generate(tmp_path, 4, width=64, height=96, progress=False)
+    before = source.read_bytes()
+    with pytest.raises(InputError, match="would overwrite the file being painted"):
+        synth.paint(source, tmp_path, limit=2, progress=False)
+    assert source.read_bytes() == before
+
+
+def test_a_dataset_synth_did_not_write_is_never_overwritten(tmp_path, capsys):
+    real = tmp_path / "modanet"
+    (real / "images").mkdir(parents=True)
+    (real / "annotations.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    before = (real / "annotations.json").read_bytes()
+    assert synth.main(["--out", str(real), "--num-images", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modaseg-synth: error: --out") and err.count("\n") == 1
+    assert (real / "annotations.json").read_bytes() == before and not any((real / "images").iterdir())
+    mine = tmp_path / "mine"
+    for seed in (0, 1):  # its own output may be written again
+        synth.generate(mine, 2, seed=seed, width=64, height=96, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--width", "1000000", "--height", "1000000"], "image size must be 64..4096 a side"),
+        (["--seed", "-1"], "seed must be non-negative"),
+        (["--quality", "0"], "JPEG quality must be in 1..100"),
+        (["--from-annotations", "missing.json"], "annotation file not found"),
+        (["--from-annotations", "{huge}"], "missing or invalid 'width'"),
+        (["--from-annotations", "{nameless}"], "every category needs an id and a name"),
+    ],
+    ids=["huge size", "negative seed", "quality", "missing file", "huge declared size", "nameless category"],
+)
+def test_bad_arguments_are_one_line_not_a_traceback(tmp_path, capsys, args, message):
+    files = {
+        "huge": {"images": [{"id": 1, "width": 10**6, "height": 10}], "annotations": [], "categories": []},
+        "nameless": {"images": [], "annotations": [], "categories": [{"id": 1}]},
+    }
+    for name, coco in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(coco))
+    args = [a.format(**{name: tmp_path / f"{name}.json" for name in files}) for a in args]
+    assert synth.main(["--out", str(tmp_path / "out"), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modaseg-synth: error: ") and err.count("\n") == 1 and message in err, err
