@@ -28,8 +28,9 @@ class ScaleCropPad(A.DualTransform):
 
     Only the source region that lands in the window is resized (one cv2.resize per target) instead of
     resizing the whole photo and cropping it (RandomScale + PadIfNeeded + RandomCrop): about 3x cheaper
-    when the window is smaller than the photo. Scales are relative to the original resolution because
-    evaluation runs at the original resolution. Images: bilinear, padded with `fill`; masks:
+    when the window is smaller than the photo. Scales are relative to the original resolution (or to the
+    model's working resolution, `long_side`), as evaluation sees it. Images: bilinear (area averaging when
+    shrinking 2x or more), padded with `fill`; masks:
     INTER_NEAREST_EXACT (the same half-pixel-centre mapping as the bilinear image resize, so both stay
     aligned), padded with `fill_mask`.
     """
@@ -41,6 +42,7 @@ class ScaleCropPad(A.DualTransform):
         scale_range: tuple[float, float] = (0.75, 1.25),
         fill: int = 0,
         fill_mask: int = IGNORE_INDEX,
+        long_side: int | None = None,
         p: float = 1.0,
     ):
         super().__init__(p=p)
@@ -53,10 +55,13 @@ class ScaleCropPad(A.DualTransform):
         self.scale_range = tuple(scale_range)
         self.fill = fill
         self.fill_mask = fill_mask
+        self.long_side = long_side
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         h, w = params["shape"][:2]
         s = self.py_random.uniform(*self.scale_range)
+        if self.long_side is not None:  # scales are relative to the model's working resolution
+            s *= self.long_side / max(h, w)
         src_y, src_h, dst_y, dst_h = self._axis(h, self.height, s)
         src_x, src_w, dst_x, dst_w = self._axis(w, self.width, s)
         return {"region": (src_y, src_x, src_h, src_w), "placement": (dst_y, dst_x, dst_h, dst_w)}
@@ -82,20 +87,26 @@ class ScaleCropPad(A.DualTransform):
         return canvas
 
     def apply(self, img: np.ndarray, region, placement, **params: Any) -> np.ndarray:
-        return self._warp(img, region, placement, cv2.INTER_LINEAR, self.fill)
+        # Shrinking by 2x or more (a photo brought to the model's working resolution) averages areas, as
+        # evaluation's antialiased resize does; otherwise bilinear.
+        shrink = placement[2] * 2 <= region[2] and placement[3] * 2 <= region[3]
+        return self._warp(img, region, placement, cv2.INTER_AREA if shrink else cv2.INTER_LINEAR, self.fill)
 
     def apply_to_mask(self, mask: np.ndarray, region, placement, **params: Any) -> np.ndarray:
         return self._warp(mask, region, placement, cv2.INTER_NEAREST_EXACT, self.fill_mask)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("height", "width", "scale_range", "fill", "fill_mask")
+        return ("height", "width", "scale_range", "fill", "fill_mask", "long_side")
 
 
-def train_transform(aug: AugmentConfig, height: int, width: int) -> A.Compose:
+def train_transform(aug: AugmentConfig, height: int, width: int, long_side: int | None = None) -> A.Compose:
     """Scale + crop/pad to (height, width), horizontal flip, lighting jitter, optional blur and
-    noise. Geometry comes first so the photometric transforms only touch the (smaller) window."""
+    noise. Geometry comes first so the photometric transforms only touch the (smaller) window. Scales are
+    relative to the photo brought to `long_side` pixels on its long side (None: its own resolution)."""
     transforms: list[A.BasicTransform] = [
-        ScaleCropPad(height, width, (aug.scale_min, aug.scale_max), fill=0, fill_mask=IGNORE_INDEX),
+        ScaleCropPad(
+            height, width, (aug.scale_min, aug.scale_max), fill=0, fill_mask=IGNORE_INDEX, long_side=long_side
+        ),
         A.HorizontalFlip(p=aug.hflip_p),  # ModaNet's classes have no left/right variants
     ]
     if aug.color_jitter_p > 0:

@@ -61,6 +61,10 @@ class ModelConfig:
     encoder_weights: str | None = None
     # Input statistics: "auto" = what the encoder weights were trained with (modaseg/model.py)
     normalization: Literal["auto", "imagenet", "inception"] = "auto"
+    # The scale the model works at: photos are resized so their long side has this many pixels (training
+    # before augmentation; evaluation and prediction before the model, logits resized back to the photo's
+    # size, so metrics stay at the original resolution). null = the photos' own resolution.
+    input_long_side: int | None = None
     decoder_attention: Literal["scse"] | None = None
     channels_last: bool = False
     compile: bool = False
@@ -294,6 +298,12 @@ def validate(cfg: Config) -> None:
         ("train.overlay_samples", cfg.train.overlay_samples, lambda v: v >= 0, "must be >= 0"),
         ("train.resume", cfg.train.resume, bool, "must be auto, none or a checkpoint folder"),
         ("train.micro_batch", cfg.train.micro_batch, lambda v: v == "auto" or v >= 1, "must be auto or >= 1"),
+        (
+            "model.input_long_side",
+            cfg.model.input_long_side,
+            lambda v: v is None or v >= 32,
+            "must be null or >= 32 pixels",
+        ),
         (
             "train.collective_timeout_minutes",
             cfg.train.collective_timeout_minutes,

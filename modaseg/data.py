@@ -406,9 +406,11 @@ class TrainStream(IterableDataset):
         num_batches: int,
         epoch: Any,
         mask_dtype: torch.dtype = torch.int64,
+        long_side: int | None = None,
     ):
         super().__init__()
         self.data, self.aug = data, aug
+        self.long_side = long_side
         self.shards = dict(shards)
         self.factors = list(factors)
         self.num_classes = num_classes
@@ -422,7 +424,7 @@ class TrainStream(IterableDataset):
         if count == 0:
             return iter(())
         rng = random.Random(stream_seed(self.seed, self.epoch.value, self.rank, worker))
-        transform = train_transform(self.aug, self.data.crop_height, self.data.crop_width)
+        transform = train_transform(self.aug, self.data.crop_height, self.data.crop_width, self.long_side)
         seed_transform(transform, rng.getrandbits(64))
         skips = SkipCounter(self.data.max_corrupt_samples)
         shard_seed = rng.getrandbits(31)
@@ -516,7 +518,8 @@ class TrainLoader:
     previous batch)}. The workers persist across epochs (`set_epoch` before each); `close` ends them.
 
     Rare-class sampling: data.repeat_threshold (0 = off). `mask_dtype=torch.uint8` makes masks 8x
-    smaller on the host and in the host->device copy (then `.long()` on the device).
+    smaller on the host and in the host->device copy (then `.long()` on the device). `long_side`: the
+    model's working resolution (model.input_long_side), which the augmentation's scales are relative to.
     """
 
     def __init__(
@@ -531,6 +534,7 @@ class TrainLoader:
         seed: int,
         num_batches: int,
         mask_dtype: torch.dtype = torch.int64,
+        long_side: int | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
@@ -551,6 +555,7 @@ class TrainLoader:
             num_batches=num_batches,
             epoch=self._epoch,
             mask_dtype=mask_dtype,
+            long_side=long_side,
         )
         self.num_batches = num_batches
         self._loader: DataLoader | None = _data_loader(stream, data, persistent=True)

@@ -11,6 +11,7 @@ No collective runs per batch, so ranks with more samples than others never stall
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import sys
@@ -29,7 +30,7 @@ from modaseg.files import write_atomic
 from modaseg.hardware import PRECISIONS, resolve_precision
 from modaseg.manifest import Manifest, check_shards, read_manifest
 from modaseg.metrics import ConfusionMatrix, Report, compute_report, load_report, render_table, save_report
-from modaseg.model import IMAGENET, Normalization, load_for_inference, predict_logits, preprocess
+from modaseg.model import IMAGENET, Normalization, infer_logits, load_for_inference
 
 log = logging.getLogger("modaseg")
 
@@ -60,10 +61,13 @@ def evaluate_split(
     keep_samples: int = 0,
     normalization: Normalization = IMAGENET,
     should_stop: Callable[[], bool] | None = None,
+    long_side: int | None = None,
 ) -> EvalResult | None:
     """`model` must be the bare module (not DDP-wrapped): evaluation runs no per-batch collective.
     `should_stop` (a preemption request) is polled per batch: a rank that sees it stops reading, and
-    when any rank stopped every rank returns None (the trainer then exits for requeue)."""
+    when any rank stopped every rank returns None (the trainer then exits for requeue). Photos go through
+    `infer_logits` (the prediction path: working resolution `long_side`, logits back at the photo's size),
+    so the metrics are at the original resolution whatever the model's."""
     check_shards(manifest, data.shards, split)
     was_training = model.training
     model.eval()
@@ -78,25 +82,21 @@ def evaluate_split(
         if should_stop is not None and should_stop():
             aborted = True
             break
-        x = preprocess(images, normalization, channels_last)
-        if autocast is not None:
-            with autocast():
-                logits = predict_logits(model, x, tta_flip)
-        else:
-            logits = predict_logits(model, x, tta_flip)
-        pred = logits.argmax(dim=1)
-        matrix.update(pred, target)
-        count += len(batch["key"])
+        photos = [images[i, :, :h, :w] for i, (h, w) in enumerate(batch["size"])]
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            logits = infer_logits(model, photos, normalization, long_side, tta_flip, channels_last)
         for i, (h, w) in enumerate(batch["size"]):
-            if len(samples) >= keep_samples:
-                break
-            samples.append(
-                (
-                    images[i, :, :h, :w].permute(1, 2, 0).cpu().numpy(),
-                    target[i, :h, :w].cpu().numpy().astype(np.uint8),
-                    pred[i, :h, :w].cpu().numpy().astype(np.uint8),
+            pred = logits[i].argmax(dim=0)
+            matrix.update(pred, target[i, :h, :w])
+            if len(samples) < keep_samples:
+                samples.append(
+                    (
+                        photos[i].permute(1, 2, 0).cpu().numpy(),
+                        target[i, :h, :w].cpu().numpy().astype(np.uint8),
+                        pred.cpu().numpy().astype(np.uint8),
+                    )
                 )
-            )
+        count += len(batch["key"])
     model.train(was_training)
     totals = torch.tensor([count, int(aborted)], device=device)
     if world_size > 1:
@@ -227,7 +227,7 @@ def run(argv: list[str] | None) -> int:
         raise UserError(f"--compare {args.compare}: its classes differ from the shards' {manifest.classes}")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision.mode)
     log.info("mixed precision %s (%s)", precision.label, precision.reason)
-    model, names, normalization = load_for_inference(args.checkpoint, accelerator.device)
+    model, names, normalization, long_side = load_for_inference(args.checkpoint, accelerator.device)
     if list(names) != list(manifest.classes):
         raise UserError(
             f"--checkpoint {args.checkpoint}: the model's classes {names} differ from the classes of "
@@ -245,6 +245,7 @@ def run(argv: list[str] | None) -> int:
         autocast=accelerator.autocast,
         tta_flip=args.tta_flip,
         normalization=normalization,
+        long_side=long_side,
     )
     if accelerator.is_main_process:
         console = Console()

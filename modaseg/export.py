@@ -40,10 +40,9 @@ from modaseg.model import (
     STRIDE,
     Normalization,
     export_model,
+    infer_logits,
     is_export,
     load_for_inference,
-    pad_to_stride,
-    predict_logits,
     preprocess,
 )
 
@@ -65,16 +64,30 @@ class ExportError(UserError, RuntimeError):
 class ImageToLogits(nn.Module):
     """The U-Net behind the photo-in, logits-out interface of `model.onnx` (uint8 RGB NCHW, any size)."""
 
-    def __init__(self, model: nn.Module, normalization: Normalization):
+    def __init__(self, model: nn.Module, normalization: Normalization, long_side: int | None = None):
         super().__init__()
         self.model = model
         self.normalization = normalization
+        self.long_side = long_side
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """`modaseg.model.infer_logits` for a batch of one size, in ops with symbolic sizes (no early
+        return, no Python branching on the size)."""
         h, w = image.shape[-2:]
         x = preprocess(image, self.normalization)
-        x = F.pad(x, (0, (-w) % STRIDE, 0, (-h) % STRIDE), value=0.0)  # symbolic sizes: no early return
-        return self.model(x)[:, :, :h, :w]
+        if self.long_side is not None:
+            m = torch.sym_max(h, w)
+            size = (
+                (2 * h * self.long_side + m) // (2 * m),
+                (2 * w * self.long_side + m) // (2 * m),
+            )  # round()
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        rh, rw = x.shape[-2:]
+        x = F.pad(x, (0, (-rw) % STRIDE, 0, (-rh) % STRIDE), value=0.0)
+        logits = self.model(x)[:, :, :rh, :rw]
+        if self.long_side is not None:
+            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        return logits
 
 
 @dataclass
@@ -126,6 +139,7 @@ def export_onnx(
     normalization: Normalization,
     opset: int = DEFAULT_OPSET,
     example_hw: tuple[int, int] = (96, 64),
+    long_side: int | None = None,
 ) -> Path:
     """Write `model` wrapped in `ImageToLogits` to `path` with dynamic batch, height and width, through
     torch's torch.export-based exporter: the default and maintained one (the TorchScript exporter,
@@ -134,7 +148,7 @@ def export_onnx(
     h, w = example_hw
     check_onnx_options(opset, h, w)
     path = Path(path)
-    wrapped = ImageToLogits(model, normalization).eval()
+    wrapped = ImageToLogits(model, normalization, long_side).eval()
     example = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8)  # batch 2: torch.export fixes sizes of 1
     dim = torch.export.Dim
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
@@ -158,6 +172,7 @@ def export_onnx(
             "input": "image: uint8 [N,3,H,W] RGB 0..255, any size (normalised, padded to /32 and cropped inside)",
             "output": "logits: float32 [N,C,H,W]; labels = argmax over C",
             "normalization": normalization.name,
+            "input_long_side": json.dumps(long_side),
             "mean": json.dumps(list(normalization.mean)),
             "std": json.dumps(list(normalization.std)),
             "producer": "modaseg-export",
@@ -201,21 +216,17 @@ def check_onnx(
     normalization: Normalization,
     runtime: str = "auto",
     seed: int = 0,
+    long_side: int | None = None,
 ) -> tuple[list[CheckResult], str]:
     """Compare the ONNX logits with PyTorch's on random photos of each shape. The PyTorch side is the
-    path `modaseg-predict` takes (preprocess, pad_to_stride, model, crop), not the exported wrapper."""
+    path `modaseg-predict` takes (`model.infer_logits`), not the exported wrapper."""
     run, name = onnx_runner(path, runtime)
     model = model.eval()
     gen = torch.Generator().manual_seed(seed)
     results = []
     for shape in shapes:
         image = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
-        h, w = shape[-2:]
-        ref = (
-            predict_logits(model, pad_to_stride(preprocess(image, normalization), value=0.0))[:, :, :h, :w]
-            .cpu()
-            .numpy()
-        )
+        ref = torch.stack(infer_logits(model, list(image), normalization, long_side)).cpu().numpy()
         out = run(image.numpy())
         if out.shape != ref.shape:
             raise ExportError(
@@ -252,14 +263,16 @@ def export_onnx_checked(
     height: int,
     width: int,
     runtime: str = "auto",
+    long_side: int | None = None,
 ) -> tuple[list[CheckResult], str]:
     """Export to a temporary folder, check, then move `model.onnx` (and its data file, if any) into `out`.
     On a mismatch the files go to `out/onnx-mismatch/` for inspection and `model.onnx` is not written."""
     tmp = out / ".onnx-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    export_onnx(model, tmp / ONNX_NAME, class_names, normalization, opset, (height, width))
-    results, name = check_onnx(tmp / ONNX_NAME, model, check_sizes(height, width), normalization, runtime)
+    export_onnx(model, tmp / ONNX_NAME, class_names, normalization, opset, (height, width), long_side)
+    sizes = check_sizes(height, width)
+    results, name = check_onnx(tmp / ONNX_NAME, model, sizes, normalization, runtime, long_side=long_side)
     if all(r.ok for r in results):
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
@@ -321,16 +334,16 @@ def run(argv: list[str] | None) -> int:
     if not source.is_dir():
         raise ExportError(f"--checkpoint {source}: no such folder")
     # Everything is read from the source before anything is written: --out may be the source itself.
-    model, names, normalization = load_for_inference(source, "cpu")
+    model, names, normalization, long_side = load_for_inference(source, "cpu")
     metrics = read_export_metrics(source)
     model = model.float().to(memory_format=torch.contiguous_format)
-    export_model(model, out, names, normalization, metrics)
+    export_model(model, out, names, normalization, metrics, long_side)
     kept = f"; metrics kept: {', '.join(metrics)}" if metrics else ""
     print(f"{out}: config.json + model.safetensors + {EXPORT_META} ({len(names)} classes{kept})")
     if not args.onnx:
         return 0
     results, runtime = export_onnx_checked(
-        model, out, names, normalization, args.opset, args.height, args.width, args.runtime
+        model, out, names, normalization, args.opset, args.height, args.width, args.runtime, long_side
     )
     print(f"ONNX check with {runtime} against PyTorch (CPU, float32):")
     for r in results:

@@ -250,6 +250,59 @@ def predict_logits(model: nn.Module, x: torch.Tensor, tta_flip: bool = False) ->
     return logits
 
 
+def working_size(height: int, width: int, long_side: int | None) -> tuple[int, int]:
+    """(height, width) of a photo brought to the model's working resolution (its own when None)."""
+    if long_side is None:
+        return height, width
+    scale = long_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+@torch.no_grad()
+def infer_logits(
+    model: nn.Module,
+    images: list[torch.Tensor],
+    normalization: Normalization,
+    long_side: int | None = None,
+    tta_flip: bool = False,
+    channels_last: bool = False,
+) -> list[torch.Tensor]:
+    """Logits [C, h, w] for each uint8 [3, h, w] photo (any sizes, on the model's device), at the photo's
+    own size: normalised, resized to the working resolution (antialiased), zero-padded bottom/right to a
+    multiple of the stride, predicted, cropped, and resized back (bilinear). The one inference path of
+    evaluation, prediction and the ONNX export's graph.
+
+    Photos are predicted together only with photos of the same padded size: padding reaches every pixel
+    of a U-Net (its bottleneck sees the whole input), so padding a photo to a larger neighbour's size
+    would make its prediction depend on the batch, and the metrics on the batch size and process count."""
+    sizes = [tuple(im.shape[-2:]) for im in images]
+    work = [working_size(h, w, long_side) for h, w in sizes]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, (h, w) in enumerate(work):
+        groups.setdefault((-(-h // STRIDE) * STRIDE, -(-w // STRIDE) * STRIDE), []).append(k)
+    out: list[torch.Tensor] = [images[0]] * len(images)
+    for (height, width), members in groups.items():
+        x = torch.zeros((len(members), 3, height, width), device=images[0].device)
+        for row, k in enumerate(members):
+            pixels = preprocess(images[k][None], normalization)
+            h, w = work[k]
+            if (h, w) != sizes[k]:
+                pixels = F.interpolate(
+                    pixels, size=(h, w), mode="bilinear", align_corners=False, antialias=True
+                )
+            x[row, :, :h, :w] = pixels[0]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = predict_logits(model, x, tta_flip).float()
+        for row, k in enumerate(members):
+            (h, w), (oh, ow) = work[k], sizes[k]
+            one = logits[row : row + 1, :, :h, :w]
+            if (h, w) != (oh, ow):
+                one = F.interpolate(one, size=(oh, ow), mode="bilinear", align_corners=False)
+            out[k] = one[0]
+    return out
+
+
 EXPORT_META = "modaseg.json"
 
 
@@ -264,6 +317,7 @@ def export_model(
     class_names: list[str],
     normalization: Normalization,
     metrics: dict | None = None,
+    long_side: int | None = None,
 ) -> Path:
     """Save in SMP's `save_pretrained` layout (config.json + model.safetensors), loadable without
     modaseg by `segmentation_models_pytorch.from_pretrained(out_dir)`, plus `modaseg.json` (class names,
@@ -286,7 +340,9 @@ def export_model(
         "mean": list(normalization.mean),
         "std": list(normalization.std),
         "stride": STRIDE,
-        "input": "RGB uint8 / 255, then (x - mean) / std per channel",
+        "input_long_side": long_side,
+        "input": "RGB uint8 / 255, then (x - mean) / std per channel, resized so the long side is "
+        "input_long_side pixels (null: as it is); logits resized back to the photo",
     }
     if metrics is not None:
         meta["metrics"] = json_safe(metrics)  # NaN (a class never seen) becomes null: valid JSON
@@ -306,6 +362,7 @@ class Inference(NamedTuple):
     model: nn.Module
     classes: list[str]
     normalization: Normalization
+    long_side: int | None = None  # the working resolution (model.input_long_side)
 
 
 def _export_normalization(meta: dict) -> Normalization:
@@ -347,11 +404,13 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
                 model = smp.from_pretrained(str(path), encoder_weights=None)
             meta = json.loads((path / EXPORT_META).read_text())
             names, normalization = meta["classes"], _export_normalization(meta)
+            long_side = meta.get("input_long_side")
             outputs = json.loads((path / "config.json").read_text())["classes"]
         else:
             names = json.loads((run / EXPORT_META).read_text())["classes"]
             cfg = load_config(run / "config.yaml")
             normalization = input_normalization(cfg.model)
+            long_side = cfg.model.input_long_side
             cfg.model.encoder_weights = None  # the checkpoint holds every weight: no package or file needed
             model = build_model(cfg.model, len(names))
             state = load_file(str(weights))  # keys of a compiled run start with _orig_mod.
@@ -364,6 +423,10 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
         stats = [*normalization.mean, *normalization.std]
         if len(stats) != 6 or not all(isinstance(v, int | float) for v in stats) or min(stats[3:]) <= 0:
             raise ValueError(f"{EXPORT_META}: mean and std must be 3 numbers each, std > 0")
+        if long_side is not None and not (isinstance(long_side, int) and long_side >= 32):
+            raise ValueError(
+                f"{EXPORT_META}: input_long_side must be null or an integer >= 32, not {long_side!r}"
+            )
     except UserError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as e:
@@ -372,4 +435,4 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
             f"{path}: cannot load the model ({type(e).__name__}: {why}); is it a complete export or "
             "checkpoint? Export it again, or copy it again if it was copied"
         ) from e
-    return Inference(model.to(device).eval(), names, normalization)
+    return Inference(model.to(device).eval(), names, normalization, long_side)

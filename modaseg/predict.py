@@ -30,7 +30,7 @@ from modaseg.images import (
     image_size,
     read_image,
 )
-from modaseg.model import STRIDE, Normalization, load_for_inference, predict_logits, preprocess
+from modaseg.model import STRIDE, Normalization, infer_logits, load_for_inference
 from modaseg.visualize import colorize, legend, overlay, side_by_side
 
 log = logging.getLogger("modaseg")
@@ -122,7 +122,6 @@ def plan_batches(sizes: dict[int, tuple[int, int]], batch_size: int, max_pixels:
     return batches
 
 
-@torch.no_grad()
 def predict_batch(
     model: torch.nn.Module,
     images: list[np.ndarray],
@@ -130,21 +129,17 @@ def predict_batch(
     normalization: Normalization,
     tta_flip: bool = False,
     dtype: torch.dtype | None = None,
+    long_side: int | None = None,
 ) -> list[np.ndarray]:
-    """Label maps for RGB uint8 images: each normalised, zero-padded bottom/right (after normalising, as in
-    the ONNX export) to the batch's largest size rounded up to the stride, predicted together under
-    autocast to `dtype` (None: fp32), and cropped back to its own size."""
+    """Label maps for RGB uint8 photos of any sizes, through `model.infer_logits` (the path evaluation
+    and the ONNX graph take: normalised, brought to the working resolution `long_side`, zero-padded
+    bottom/right to the stride, predicted together, logits back at each photo's size) under autocast to
+    `dtype` (None: fp32)."""
     device = torch.device(device)
-    h = -(-max(i.shape[0] for i in images) // STRIDE) * STRIDE
-    w = -(-max(i.shape[1] for i in images) // STRIDE) * STRIDE
-    x = torch.zeros((len(images), 3, h, w), device=device)
-    for k, img in enumerate(images):
-        pixels = torch.from_numpy(img).to(device).permute(2, 0, 1)[None]
-        x[k, :, : img.shape[0], : img.shape[1]] = preprocess(pixels, normalization)[0]
+    pixels = [torch.from_numpy(img).to(device).permute(2, 0, 1) for img in images]
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        logits = predict_logits(model, x, tta_flip)
-    pred = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
-    return [pred[k, : img.shape[0], : img.shape[1]] for k, img in enumerate(images)]
+        logits = infer_logits(model, pixels, normalization, long_side, tta_flip)
+    return [one.argmax(dim=0).to(torch.uint8).cpu().numpy() for one in logits]
 
 
 def save_outputs(outputs: Outputs, image: np.ndarray, labels: np.ndarray, names: list[str]) -> None:
@@ -216,7 +211,7 @@ def predict(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise PredictError(f"--out {out_dir}: exists and is not a folder")
     device, dtype = inference_device(args.device, args.mixed_precision)
-    model, names, normalization = load_for_inference(args.checkpoint, device)
+    model, names, normalization, long_side = load_for_inference(args.checkpoint, device)
     skipped: dict[int, str] = {}
     sizes: dict[int, tuple[int, int]] = {}
     for i, path in enumerate(paths):
@@ -242,7 +237,7 @@ def predict(args: argparse.Namespace) -> int:
                     log.error("cannot read %s: %s", paths[i], skipped[i])
             images = [image for _, image in loaded]
             if images:
-                labels = predict_batch(model, images, device, normalization, args.tta_flip, dtype)
+                labels = predict_batch(model, images, device, normalization, args.tta_flip, dtype, long_side)
                 for (i, image), label_map in zip(loaded, labels, strict=True):
                     save_outputs(outputs[i], image, label_map, names)
                     written += 1

@@ -137,3 +137,16 @@ def test_same_seed_same_output_and_draws_are_not_correlated():
         jittered = not np.array_equal(out["image"], image[:, ::-1] if flipped else image)
         combos.add((flipped, jittered))
     assert len(combos) == 4, combos
+
+
+def test_scales_are_relative_to_the_working_resolution():
+    """long_side=48 on a 96x72 photo with scale 1: the window is the photo shrunk 2x, the image area-
+    averaged (cv2.INTER_AREA, as evaluation's antialiased resize) and the labels sampled nearest."""
+    import cv2
+
+    image, mask = blocks(96, 72)
+    crop = ScaleCropPad(48, 36, (1.0, 1.0), long_side=48)
+    out = crop(image=image, mask=mask)
+    assert np.array_equal(out["image"], cv2.resize(image, (36, 48), interpolation=cv2.INTER_AREA))
+    assert np.array_equal(out["mask"], cv2.resize(mask, (36, 48), interpolation=cv2.INTER_NEAREST_EXACT))
+    check_aligned(out["image"], out["mask"], radius=1)

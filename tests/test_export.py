@@ -198,3 +198,12 @@ def test_refused_in_one_line_before_anything_is_written(exported, tmp_path, caps
     assert err.splitlines()[-1].startswith("modaseg-export: error: ")
     assert re.search(expected, err.splitlines()[-1]) and "Traceback" not in err
     assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
+
+
+def test_onnx_with_a_working_resolution_resizes_inside_the_graph(tmp_path, model):
+    """model.input_long_side: the graph brings the photo to the working resolution and the logits back,
+    and the export check compares it with modaseg's own inference path on two sizes."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (constraints.txt pins it)")
+    results, _ = export_onnx_checked(model, tmp_path, NAMES, IMAGENET, 18, 70, 50, long_side=48)
+    assert all(r.ok and r.argmax_agreement == 1.0 for r in results), [r.line() for r in results]
+    assert (tmp_path / ONNX_NAME).is_file()

@@ -74,7 +74,7 @@ def test_export_loads_without_modaseg_and_gives_the_same_logits(tmp_path, model)
     export_model(model, tmp_path / "best", names, IMAGENET)
     x = preprocess(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8))
     plain = smp.from_pretrained(str(tmp_path / "best")).eval()  # what a user without modaseg does
-    loaded, loaded_names, _ = load_for_inference(tmp_path / "best")
+    loaded, loaded_names, *_ = load_for_inference(tmp_path / "best")
     with torch.no_grad():
         assert torch.allclose(plain(x), model(x), atol=1e-6)
         assert torch.allclose(loaded(x), model(x), atol=1e-6)
@@ -91,7 +91,7 @@ def test_export_records_metrics_and_loads_offline_whatever_its_encoder_was_initi
     assert json.loads((out / "modaseg.json").read_text())["metrics"] == {"val_miou": None, "epoch": 2}
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "encoder_weights": "imagenet"}))
-    loaded, _, _ = load_for_inference(out)  # HF_HUB_OFFLINE=1: a download attempt would fail
+    loaded, *_ = load_for_inference(out)  # HF_HUB_OFFLINE=1: a download attempt would fail
     x = preprocess(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
@@ -170,3 +170,32 @@ def test_positional_mapping_names_the_first_shape_mismatch(tmp_path):
 )
 def test_normalization_setting(setting, expected):
     assert input_normalization(ModelConfig(encoder="resnet18", normalization=setting)).name == expected
+
+
+@pytest.mark.parametrize("long_side", [None, 48, 200])
+def test_infer_logits_works_at_the_model_resolution_and_answers_at_the_photo_size(model, long_side):
+    """Two photos of different sizes predicted together equal each predicted alone by the documented
+    recipe: normalise, resize the long side to `long_side` (antialiased), zero-pad to /32, crop, resize
+    the logits back (bilinear)."""
+    import torch.nn.functional as F
+
+    from modaseg.model import infer_logits
+
+    gen = torch.Generator().manual_seed(0)
+    photos = [
+        torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in [(96, 64), (50, 77)]
+    ]
+    together = infer_logits(model, photos, IMAGENET, long_side)
+    for photo, logits in zip(photos, together, strict=True):
+        h, w = photo.shape[-2:]
+        x = preprocess(photo[None])
+        if long_side is not None:
+            s = long_side / max(h, w)
+            x = F.interpolate(x, size=(round(h * s), round(w * s)), mode="bilinear", antialias=True)
+        rh, rw = x.shape[-2:]
+        with torch.no_grad():
+            ref = model(pad_to_stride(x, 0.0))[:, :, :rh, :rw]
+        if long_side is not None:
+            ref = F.interpolate(ref, size=(h, w), mode="bilinear")
+        assert logits.shape == (14, h, w)
+        torch.testing.assert_close(logits, ref[0], rtol=1e-4, atol=1e-4)
