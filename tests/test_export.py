@@ -19,8 +19,8 @@ from modaseg.config import load_config, save_config
 from modaseg.export import ONNX_NAME, check_onnx, export_onnx_checked, main
 from modaseg.model import EXPORT_META, IMAGENET, MEAN, STD, build_model, export_model
 
-pytest.importorskip("onnx", reason="ONNX export needs the 'onnx' package (constraints.txt pins it)")
-pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs 'onnxscript' (constraints.txt pins it)")
+pytest.importorskip("onnx", reason="ONNX export needs the 'onnx' package (in the dev extra)")
+pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs 'onnxscript' (in the dev extra)")
 
 NAMES = [f"class{i}" for i in range(14)]
 
@@ -55,7 +55,7 @@ def reference_logits(model: nn.Module, images: np.ndarray) -> np.ndarray:
 
 
 def test_onnx_logits_match_torch_on_two_sizes(exported, model):
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (constraints.txt pins it)")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (in the dev extra)")
     session = ort.InferenceSession(str(exported / ONNX_NAME), providers=["CPUExecutionProvider"])
     assert json.loads(session.get_modelmeta().custom_metadata_map["classes"]) == NAMES
     rng = np.random.default_rng(1)
@@ -70,7 +70,7 @@ def test_onnx_logits_match_torch_on_two_sizes(exported, model):
 
 
 def test_documented_usage_on_an_hwc_photo(exported, model):
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (constraints.txt pins it)")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (in the dev extra)")
     photo = np.random.default_rng(2).integers(0, 256, (50, 37, 3), dtype=np.uint8)  # what PIL gives
     session = ort.InferenceSession(str(exported / ONNX_NAME))
     logits = session.run(None, {"image": np.ascontiguousarray(photo.transpose(2, 0, 1)[None])})[0]
@@ -203,7 +203,7 @@ def test_refused_in_one_line_before_anything_is_written(exported, tmp_path, caps
 def test_onnx_with_a_working_resolution_resizes_inside_the_graph(tmp_path, model):
     """model.input_long_side: the graph brings the photo to the working resolution and the logits back,
     and the export check compares it with modaseg's own inference path on two sizes."""
-    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (constraints.txt pins it)")
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (in the dev extra)")
     results, _ = export_onnx_checked(model, tmp_path, NAMES, IMAGENET, 18, 70, 50, long_side=48)
     assert all(r.ok and r.argmax_agreement == 1.0 for r in results), [r.line() for r in results]
     assert (tmp_path / ONNX_NAME).is_file()
