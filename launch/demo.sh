@@ -19,11 +19,21 @@ modaseg-shard --annotations data/synth-demo/annotations.json --images data/synth
 
 step "3/5 training"
 rm -rf runs/demo
-if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-  ngpu=$(nvidia-smi -L | wc -l)
-  echo "training on $ngpu GPU(s)"
-  accelerate launch --multi_gpu --num_machines 1 --num_processes "$ngpu" --mixed_precision bf16 \
-    --dynamo_backend no modaseg/train.py --config configs/demo.yaml "$@"
+# The GPUs torch can use: CUDA_VISIBLE_DEVICES respected, and no count of the extra lines `nvidia-smi -L`
+# prints for MIG instances. The precision comes from the config (optim.mixed_precision=auto: bf16 where
+# native, fp16 on older GPUs), so the launcher is told `no`; train.device=cuda makes a GPU that cannot
+# be used an error rather than a CPU run.
+ngpu=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>/dev/null || echo 0)
+if [ "$ngpu" -gt 1 ]; then
+  echo "training on $ngpu GPUs (DDP over NCCL)"
+  accelerate launch --config_file launch/gpu-8.yaml --multi_gpu --num_machines 1 --num_processes "$ngpu" \
+    --mixed_precision no --dynamo_backend no modaseg/train.py --config configs/demo.yaml train.device=cuda "$@"
+elif [ "$ngpu" -eq 1 ]; then
+  # one process: no --multi_gpu (accelerate refuses it with one process); --gpu_ids all keeps the
+  # caller's CUDA_VISIBLE_DEVICES instead of the config's GPU 0
+  echo "training on 1 GPU"
+  accelerate launch --config_file launch/gpu-1.yaml --gpu_ids all --num_machines 1 --num_processes 1 \
+    --mixed_precision no --dynamo_backend no modaseg/train.py --config configs/demo.yaml train.device=cuda "$@"
 else
   echo "no GPU: training with 2 CPU processes (gloo)"
   accelerate launch --config_file launch/cpu-2proc.yaml modaseg/train.py --config configs/demo.yaml "$@"

@@ -10,9 +10,9 @@ A checkpoint is `RUN/checkpoints/step-NNNNNNNN/`:
 It is written under `.tmp-*` and renamed when complete, so a kill at any moment leaves either the
 previous checkpoint or the new one, never half of one.
 
-Resuming tells a config problem from corruption: a checkpoint whose tensors do not fit the model, or
-whose batch layout differs, is refused with one line naming the config keys that differ and nothing on
-disk changes; only a checkpoint that fails to read is corrupt (renamed `corrupt-*`, the previous one
+Resuming tells a config problem from corruption: a checkpoint whose tensors do not fit the model, whose
+optimizer state is another optimizer's, or whose batch layout differs, is refused with one line naming
+the config keys that differ and nothing on disk changes; only a checkpoint that fails to read is corrupt (renamed `corrupt-*`, the previous one
 tried). Precision and torch.compile may change between a checkpoint and the run that resumes it.
 """
 
@@ -206,6 +206,16 @@ def check_fresh_start(run_dir: str | Path, how: str) -> None:
         )
 
 
+def check_resume_setting(how: str) -> None:
+    """train.resume names auto, none or an existing checkpoint folder: checked at start-up, before the
+    processes build anything."""
+    if how not in ("auto", "none") and not (Path(how) / STATE_NAME).is_file():
+        raise CheckpointError(
+            f"train.resume={how}: not a checkpoint folder (no {STATE_NAME}); give a RUN/checkpoints/step-N "
+            "folder, auto (the run folder's newest) or none"
+        )
+
+
 def _saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
@@ -269,8 +279,7 @@ def resume(
     that a fresh start destroys nothing). `explain_mismatch()` names the config keys that differ from
     the config saved in a checkpoint's run folder, for the refusal message. Rank 0 lists the checkpoints and checks that they
     fit; every rank follows its decisions."""
-    if how != "auto" and how != "none" and not (Path(how) / STATE_NAME).is_file():
-        raise CheckpointError(f"train.resume={how}: not a checkpoint folder (no {STATE_NAME})")
+    check_resume_setting(how)
     candidates = [Path(how)] if how not in ("auto", "none") else []
     if how == "auto":
         candidates = broadcast_from_main(accelerator, list(reversed(list_checkpoints(run_dir))))
@@ -289,7 +298,7 @@ def resume(
     for path in candidates:
         verdict = None
         if accelerator.is_main_process:
-            verdict = _fit_verdict(path, bare, layout, explain_mismatch)
+            verdict = _fit_verdict(path, bare, optimizer, layout, explain_mismatch)
         verdict = broadcast_from_main(accelerator, verdict)
         if verdict is not None and verdict[0] == "mismatch":
             raise CheckpointMismatch(verdict[1])
@@ -322,8 +331,37 @@ def resume(
     raise CheckpointError(f"no usable checkpoint in {checkpoint_root(run_dir)}: every one failed to load")
 
 
+def optimizer_kind(param_group: dict) -> str:
+    """The optim.optimizer whose state a parameter group holds, from the hyperparameters only it has."""
+    if "betas" in param_group:
+        return "adamw"
+    return "sgd" if "momentum" in param_group else "unknown"
+
+
+def optimizer_mismatch(path: Path, optimizer: torch.optim.Optimizer) -> str | None:
+    """Why the checkpoint's optimizer state does not fit `optimizer` (another optim.optimizer: loading it
+    raises, or the first step does), or None. Memory-maps the file: nothing large is read."""
+    saved = torch.load(path / OPTIMIZER_NAME, map_location="cpu", weights_only=True, mmap=True)
+    groups = saved["param_groups"]
+    kinds = {optimizer_kind(g) for g in groups}
+    wanted = optimizer_kind(optimizer.param_groups[0])
+    if kinds != {wanted}:
+        return f"its optimizer state is {', '.join(sorted(kinds))}'s, this run has optim.optimizer={wanted}"
+    sizes, wanted_sizes = (
+        [len(g["params"]) for g in groups],
+        [len(g["params"]) for g in optimizer.param_groups],
+    )
+    if sizes != wanted_sizes:
+        return f"its optimizer has parameter groups of {sizes} tensors, this run's has {wanted_sizes}"
+    return None
+
+
 def _fit_verdict(
-    path: Path, model: torch.nn.Module, layout: dict[str, int], explain_mismatch: Callable[[Path], str]
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    layout: dict[str, int],
+    explain_mismatch: Callable[[Path], str],
 ) -> tuple[str, str] | None:
     """("mismatch", message) for a checkpoint made with another config or format, ("corrupt", error) for
     one that cannot be read, None when it fits."""
@@ -338,6 +376,7 @@ def _fit_verdict(
     try:
         state = read_state(path)
         mismatch = model_mismatch(path, model)
+        optimizer_differs = optimizer_mismatch(path, optimizer)
     except Exception as e:
         return ("corrupt", f"{type(e).__name__}: {e}")
     if mismatch:
@@ -346,6 +385,13 @@ def _fit_verdict(
             f"cannot resume {run}: checkpoint {path.name} does not fit this model ({mismatch}); "
             f"{explain_mismatch(run)}. Nothing was changed on disk: resume with the run's own config "
             f"({run / 'config.yaml'}), or start a new run (another train.output_dir)",
+        )
+    if optimizer_differs:
+        return (
+            "mismatch",
+            f"cannot resume {run}: checkpoint {path.name} does not fit this optimizer ({optimizer_differs}). "
+            f"Nothing was changed on disk: resume with the run's own config ({run / 'config.yaml'}), or start "
+            "a new run (another train.output_dir)",
         )
     if state.layout() != layout:
         return (

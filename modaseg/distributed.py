@@ -29,9 +29,18 @@ class StopRequest:
         return self.signal is not None
 
     def restore(self) -> None:
-        """Give the signals back their handlers from before (the process is about to end)."""
+        """Give the signals back their handlers from before (the trainer keeps them: see keep_exit_code)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def keep_exit_code() -> None:
+    """The process has decided its exit code and is on its way out: ignore stop signals from here. When
+    one rank exits first, the launcher sends SIGTERM to the others; at interpreter shutdown Python puts
+    back the default action of every signal it handles (not of ignored ones), and that SIGTERM would turn
+    the code a rank decided on (75 after a checkpoint, 2 after a user error) into a kill."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def bare_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
@@ -48,6 +57,17 @@ def broadcast_from_main(accelerator: Accelerator, value: Any) -> Any:
     box = [value if accelerator.is_main_process else None]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any (one all-reduce). For decisions every rank must take
+    alike from a per-process flag that a signal may set at any moment: read locally, two ranks can
+    differ by a few microseconds, one exits and the other waits in the next collective."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value)
+    return bool(value.item() > 0)
 
 
 def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:

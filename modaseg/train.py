@@ -26,9 +26,17 @@ from rich.console import Console
 
 from modaseg.checkpoint import PREFIX, TrainerState, checkpoint_root, resume, save_checkpoint, write_state
 from modaseg.config import Config, dump_config, load_config, save_config, to_dict
-from modaseg.console import run_cli
+from modaseg.console import EXIT_USER_ERROR, process_rank, run_cli
 from modaseg.data import CorruptDataError
-from modaseg.distributed import EXIT_REQUEUE, bare_model, broadcast_from_main, check_replicas, sync_buffers
+from modaseg.distributed import (
+    EXIT_REQUEUE,
+    any_rank,
+    bare_model,
+    broadcast_from_main,
+    check_replicas,
+    keep_exit_code,
+    sync_buffers,
+)
 from modaseg.evaluate import EvalResult, evaluate_split, write_report_files
 from modaseg.files import json_safe, write_json_atomic
 from modaseg.losses import format_class_weights
@@ -50,6 +58,7 @@ from modaseg.step import (
 )
 
 log = logging.getLogger("modaseg")
+USER_ERROR_GRACE_S = 5.0
 
 
 class Preempted(Exception):
@@ -74,8 +83,8 @@ def train(cfg: Config) -> int:
 
 def resume_or_start(run: Run) -> TrainerState:
     """Load the newest usable checkpoint (a checkpoint made with another config is refused and nothing
-    on disk changes), or start afresh where that destroys nothing; then write the run's config, plan and
-    class names, and open TensorBoard, the loader and the progress bar."""
+    on disk changes), or start afresh where that destroys nothing; only then write to the run folder (its
+    log, config, plan and class names) and open TensorBoard, the loader and the progress bar."""
     cfg, acc = run.cfg, run.accelerator
     layout = {
         "num_batches": run.plan.num_batches,
@@ -85,7 +94,9 @@ def resume_or_start(run: Run) -> TrainerState:
     explain = explain_config_differences(cfg, run.names)
     state = resume(acc, run.run_dir, cfg.train.resume, run.model, run.optimizer, layout, explain)
     state = state or TrainerState(seed=cfg.train.seed, **layout)
-    if acc.is_main_process:
+    if acc.is_main_process:  # the first write to the run folder
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        run.log_file.open(run.run_dir / "train.log")
         save_config(cfg, run.run_dir / "config.yaml")
         write_json_atomic(run.run_dir / EXPORT_META, {"classes": run.names})
         weights = format_class_weights(torch.tensor(run.class_weights), run.names)
@@ -233,8 +244,8 @@ def save_and_validate(run: Run, state: TrainerState, epoch: int) -> None:
     )
     if state.pending_validation:
         validate_epoch(run, state, checkpoint)
-    if run.stop.requested:  # a signal that arrived after the epoch's last update: the checkpoint has it all
-        raise Preempted
+    if any_rank(run.stop.requested, run.accelerator.device):  # a signal after the epoch's last update
+        raise Preempted  # the checkpoint has it all
 
 
 def validate_epoch(run: Run, state: TrainerState, checkpoint: Path) -> None:
@@ -258,8 +269,15 @@ def validate_epoch(run: Run, state: TrainerState, checkpoint: Path) -> None:
         if run.accelerator.is_main_process:
             bare = bare_model(run.accelerator, run.model)
             metrics = {"val_miou": miou, "epoch": state.epoch}
-            export_model(bare, run.run_dir / "best", run.names, run.normalization, metrics=metrics)
-    if run.accelerator.is_main_process:
+            export_model(
+                bare,
+                run.run_dir / "best",
+                run.names,
+                run.normalization,
+                metrics,
+                run.cfg.model.input_long_side,
+            )
+    if run.accelerator.is_main_process and checkpoint.is_dir():  # not when resumed from another folder
         write_state(checkpoint, state)
 
 
@@ -285,6 +303,7 @@ def validate(run: Run, split: str) -> EvalResult:
             keep_samples=run.cfg.train.overlay_samples if acc.is_main_process else 0,
             normalization=run.normalization,
             should_stop=lambda: run.stop.requested,
+            long_side=run.cfg.model.input_long_side,
         )
     finally:
         torch.backends.cudnn.benchmark = benchmark
@@ -296,12 +315,22 @@ def validate(run: Run, split: str) -> EvalResult:
 def finish(run: Run, state: TrainerState, meter: LogMeter) -> int:
     """Check the replicas, export the final model, test the best one, write summary.json."""
     acc, names = run.accelerator, run.names
+    sync_buffers(acc, run.model)  # rank 0's BatchNorm statistics, as when a validation ran last
     check_replicas(acc, run.model)
     bare = bare_model(acc, run.model)
     if acc.is_main_process:
-        export_model(bare, run.run_dir / "final", names, run.normalization)
+        export_model(
+            bare, run.run_dir / "final", names, run.normalization, None, run.cfg.model.input_long_side
+        )
         if state.best_epoch < 0:  # no validation ran (an empty val split): the final model is the best known
-            export_model(bare, run.run_dir / "best", names, run.normalization, metrics={"val_miou": None})
+            export_model(
+                bare,
+                run.run_dir / "best",
+                names,
+                run.normalization,
+                {"val_miou": None},
+                run.cfg.model.input_long_side,
+            )
     acc.wait_for_everyone()
     best = run.run_dir / "best" / "model.safetensors"
     tested = "final model (no validation)" if state.best_epoch < 0 else "final model (best/ is missing)"
@@ -382,7 +411,13 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("modaseg-train", _main, argv)
+    code = run_cli("modaseg-train", _main, argv)
+    keep_exit_code()
+    if code == EXIT_USER_ERROR and process_rank() > 0:
+        # Every rank meets the same user error, and rank 0 alone reports it. A launcher that sees another
+        # rank fail first stops rank 0 at once, maybe before it printed: give it time to say it.
+        time.sleep(USER_ERROR_GRACE_S)
+    return code
 
 
 if __name__ == "__main__":

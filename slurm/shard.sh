@@ -26,15 +26,12 @@ die() {
 [ -n "${SLURM_JOB_ID:-}" ] || die "submit with sbatch: sbatch --array=0-7 slurm/shard.sh --annotations ... --out ..."
 [ $# -ge 1 ] || die "usage: sbatch --array=0-(K-1) slurm/shard.sh MODASEG-SHARD-OPTIONS"
 
+# The batch script runs from a copy in slurmd's spool folder: find the repository by the submit dir.
 ROOT=${MODASEG_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
-VENV=${MODASEG_VENV-}
-if [ -z "${MODASEG_VENV+set}" ] && [ -f "$ROOT/.venv/bin/activate" ]; then VENV=$ROOT/.venv; fi
-if [ -n "$VENV" ]; then
-    [ -f "$VENV/bin/activate" ] || die "MODASEG_VENV=$VENV has no bin/activate"
-    # shellcheck disable=SC1091
-    source "$VENV/bin/activate"
-fi
-command -v modaseg-shard >/dev/null || die "modaseg-shard is not on PATH (set MODASEG_VENV)"
+[ -f "$ROOT/slurm/common.sh" ] || die "$ROOT/slurm/common.sh not found: submit from the repository root or set MODASEG_ROOT"
+# shellcheck source=slurm/common.sh
+source "$ROOT/slurm/common.sh"
+activate_env modaseg-shard
 
 # ------------------------------------------------------------------ the merge job (queued by task MIN)
 if [ "${MODASEG_SHARD_MERGE:-0}" = 1 ]; then

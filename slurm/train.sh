@@ -46,19 +46,21 @@ shift
 
 # The batch script runs from a copy in slurmd's spool folder: find the repository by the submit dir.
 ROOT=${MODASEG_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
-for f in modaseg/train.py launch/multi-node.yaml; do
+for f in modaseg/train.py launch/multi-node.yaml slurm/common.sh; do
     [ -f "$ROOT/$f" ] || die "$ROOT/$f not found: submit from the repository root or set MODASEG_ROOT"
 done
+# shellcheck source=slurm/common.sh
+source "$ROOT/slurm/common.sh"
+activate_env accelerate
 
-# Python environment: MODASEG_VENV (unset: ROOT/.venv when it exists; empty: use PATH as exported).
-VENV=${MODASEG_VENV-}
-if [ -z "${MODASEG_VENV+set}" ] && [ -f "$ROOT/.venv/bin/activate" ]; then VENV=$ROOT/.venv; fi
-if [ -n "$VENV" ]; then
-    [ -f "$VENV/bin/activate" ] || die "MODASEG_VENV=$VENV has no bin/activate"
-    # shellcheck disable=SC1091
-    source "$VENV/bin/activate"
+# NCCL (GPU runs), each only when not set already (set it before sbatch to choose): a collective that
+# waits longer than train.collective_timeout_minutes aborts NCCL and ends its process instead of
+# hanging until the time limit (srun --kill-on-bad-exit then ends the other nodes); NCCL's warnings,
+# not its INFO flood, in the job output. Network knobs (NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE): slurm/README.md.
+if [ -z "${TORCH_NCCL_ASYNC_ERROR_HANDLING:-}" ] && [ -z "${NCCL_ASYNC_ERROR_HANDLING:-}" ]; then
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 fi
-command -v accelerate >/dev/null || die "accelerate is not on PATH (set MODASEG_VENV)"
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
 # Run directory: train.output_dir from the overrides, else runs/slurm-JOBID. The job id survives a
 # requeue, so the requeued run finds its checkpoints there and resumes (train.resume=auto).

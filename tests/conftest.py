@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -13,6 +14,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared"
 MODANET_SAMPLE = SHARED / "data" / "modanet-sample" / "modanet_train_subset_a.json"
+
+# The suite runs on the CPU wherever it runs, so that it passes unchanged on a GPU host: this process
+# and every subprocess see no GPU (an empty CUDA_VISIBLE_DEVICES hides them and is no GPU request, see
+# hardware.gpu_requested), and a SLURM GPU allocation around the tests is not a request either. Tests
+# marked `gpu` give their own subprocesses the host's GPUs back (gpu_env).
+GPU_REQUEST_VARS = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
+HOST_CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+for _var in GPU_REQUEST_VARS:
+    os.environ.pop(_var, None)
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture(scope="session")
@@ -71,13 +82,59 @@ def accelerate_cmd(num_processes: int = 2) -> list[str]:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
+    """The environment of a subprocess: no launcher variables, one thread, on the CPU (see above)."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("ACCELERATE_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        and k not in GPU_REQUEST_VARS
     }
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", **extra})
     return env
+
+
+def gpu_env(**extra: str) -> dict[str, str]:
+    """clean_env with the host's GPUs visible again, for tests marked `gpu`."""
+    env = clean_env(**extra)
+    if HOST_CUDA_VISIBLE_DEVICES is None:
+        env.pop("CUDA_VISIBLE_DEVICES")
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = HOST_CUDA_VISIBLE_DEVICES
+    return env
+
+
+@functools.cache
+def host_gpus() -> int:
+    """CUDA GPUs usable on this host, asked in a subprocess with the host's CUDA_VISIBLE_DEVICES (this
+    process never initialises CUDA)."""
+    code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=gpu_env(), capture_output=True, text=True, timeout=300
+    )
+    return int(result.stdout.strip() or 0) if result.returncode == 0 else 0
+
+
+def require_gpus(count: int = 1) -> None:
+    """Skip the calling test (marked `gpu`) unless the host has `count` usable CUDA GPUs: asked when the
+    test runs, not at collection, so a CPU-only session never pays for the check."""
+    found = host_gpus()
+    if found < count:
+        pytest.skip(f"needs {count} CUDA GPU(s), the host has {found}")
+
+
+def modaseg_train_cmd(*args: str) -> list[str]:
+    """The installed `modaseg-train` console script: one process, no launcher."""
+    return [str(Path(sys.executable).with_name("modaseg-train")), *args]
+
+
+def make_shards(synth: Path, out: Path, *options: str) -> Path:
+    """modaseg-shard over a synthetic dataset (6 samples per shard), with extra options such as --split."""
+    from modaseg.shard import main as shard_main
+
+    args = ["--annotations", str(synth / "annotations.json"), "--images", str(synth / "images")]
+    code = shard_main([*args, "--out", str(out), "--shard-size", "6", "--workers", "1", *options])
+    assert code == 0
+    return out
 
 
 def training_cmd(run_dir: Path, shards: Path, *overrides: str, processes: int = 2) -> list[str]:
@@ -102,6 +159,22 @@ def run_training(
     timeout: int = 600,
 ) -> subprocess.CompletedProcess:
     cmd = training_cmd(run_dir, shards, *overrides, processes=processes)
+    return subprocess.run(
+        cmd, cwd=ROOT, env=env or clean_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run_training_cli(
+    run_dir: Path, shards: Path, *overrides: str, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """`modaseg-train` (one process, no launcher) on configs/tiny.yaml with the given shards and run folder."""
+    cmd = modaseg_train_cmd(
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"data.shards={shards}",
+        f"train.output_dir={run_dir}",
+        *overrides,
+    )
     return subprocess.run(
         cmd, cwd=ROOT, env=env or clean_env(), capture_output=True, text=True, timeout=timeout
     )
