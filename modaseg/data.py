@@ -144,6 +144,21 @@ def _expected_max(factors: Sequence[float], freqs: Sequence[float], base: float,
     return expected + none_yet * base
 
 
+def sampling_weights(
+    counts: Mapping[str, int], folders: Sequence[str], mix: Sequence[float] | None
+) -> dict[str, float]:
+    """How likely the training stream draws each shard (path -> weight). A draw yields all of the shard's
+    samples, so equal weights make every sample equally likely; with `data.mix` (relative weights of the
+    `data.shards` folders) a shard's weight is its folder's weight over the folder's sample count, and a
+    folder's samples make up its share of the stream, each still as likely as any other of the folder."""
+    if mix is None:
+        return dict.fromkeys(counts, 1.0)
+    resolved = [Path(f).resolve() for f in folders]
+    folder_of = {url: resolved.index(Path(url).parent) for url in counts}
+    sizes = [sum(n for url, n in counts.items() if folder_of[url] == i) for i in range(len(resolved))]
+    return {url: mix[folder_of[url]] / sum(mix) / sizes[folder_of[url]] for url in counts}
+
+
 def stream_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
     """A 64-bit seed for one worker's stream; the same in every process and Python session."""
     text = f"modaseg-train/{seed}/{epoch}/{rank}/{worker}".encode()
@@ -407,11 +422,15 @@ class TrainStream(IterableDataset):
         epoch: Any,
         mask_dtype: torch.dtype = torch.int64,
         long_side: int | None = None,
+        weights: Mapping[str, float] | None = None,
     ):
         super().__init__()
         self.data, self.aug = data, aug
         self.long_side = long_side
         self.shards = dict(shards)
+        self.weights = (
+            dict(weights) if weights is not None else {url: float(n) for url, n in self.shards.items()}
+        )
         self.factors = list(factors)
         self.num_classes = num_classes
         self.rank, self.seed, self.num_batches = rank, seed, num_batches
@@ -427,9 +446,10 @@ class TrainStream(IterableDataset):
         transform = train_transform(self.aug, self.data.crop_height, self.data.crop_width, self.long_side)
         seed_transform(transform, rng.getrandbits(64))
         skips = SkipCounter(self.data.max_corrupt_samples)
-        shard_seed = rng.getrandbits(31)
+        urls = sorted(self.shards)
+        weights = [self.weights[url] for url in urls]
         pipeline = wds.DataPipeline(
-            wds.ResampledShards(sorted(self.shards), deterministic=True, worker_seed=lambda: shard_seed),
+            lambda: ({"url": url} for _ in itertools.count() for url in rng.choices(urls, weights, k=1)),
             partial(read_shards, expected=self.shards, on_error=skips),
             partial(parse_meta, num_classes=self.num_classes, on_error=skips),
             partial(repeat_by_factor, factors=self.factors, rng=rng),
@@ -520,6 +540,7 @@ class TrainLoader:
     Rare-class sampling: data.repeat_threshold (0 = off). `mask_dtype=torch.uint8` makes masks 8x
     smaller on the host and in the host->device copy (then `.long()` on the device). `long_side`: the
     model's working resolution (model.input_long_side), which the augmentation's scales are relative to.
+    Several shard folders (`data.shards` as a list) are drawn from in the proportions of `data.mix`.
     """
 
     def __init__(
@@ -539,6 +560,7 @@ class TrainLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         counts = {url: n for url, n in _shard_counts(manifest, root, "train").items() if n > 0}
+        folders = data.shards if isinstance(data.shards, list) else [data.shards]
         if not counts:
             raise ManifestError(f"the train split in {root} has no samples: shard a dataset with some")
         info = manifest.splits["train"]
@@ -556,6 +578,7 @@ class TrainLoader:
             epoch=self._epoch,
             mask_dtype=mask_dtype,
             long_side=long_side,
+            weights=sampling_weights(counts, folders, data.mix),
         )
         self.num_batches = num_batches
         self._loader: DataLoader | None = _data_loader(stream, data, persistent=True)

@@ -28,7 +28,7 @@ from modaseg.console import UserError, run_cli
 from modaseg.data import eval_loader
 from modaseg.files import write_atomic
 from modaseg.hardware import PRECISIONS, resolve_precision
-from modaseg.manifest import Manifest, check_shards, read_manifest
+from modaseg.manifest import Manifest, check_shards, open_shards
 from modaseg.metrics import ConfusionMatrix, Report, compute_report, load_report, render_table, save_report
 from modaseg.model import IMAGENET, Normalization, infer_logits, load_for_inference
 
@@ -64,18 +64,19 @@ def evaluate_split(
     long_side: int | None = None,
 ) -> EvalResult | None:
     """`model` must be the bare module (not DDP-wrapped): evaluation runs no per-batch collective.
+    `manifest` comes from `manifest.open_shards` (absolute shard paths: one folder or several).
     `should_stop` (a preemption request) is polled per batch: a rank that sees it stops reading, and
     when any rank stopped every rank returns None (the trainer then exits for requeue). Photos go through
     `infer_logits` (the prediction path: working resolution `long_side`, logits back at the photo's size),
     so the metrics are at the original resolution whatever the model's."""
-    check_shards(manifest, data.shards, split)
+    check_shards(manifest, "", split)
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(manifest.num_classes, device=device, ignore_index=manifest.ignore_index)
     count, aborted = 0, False
     samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for batch in eval_loader(
-        data, manifest, data.shards, split, rank=rank, world_size=world_size, mask_dtype=torch.uint8
+        data, manifest, "", split, rank=rank, world_size=world_size, mask_dtype=torch.uint8
     ):
         images = batch["image"].to(device, non_blocking=True)
         target = batch["mask"].to(device, non_blocking=True).long()
@@ -221,8 +222,8 @@ def run(argv: list[str] | None) -> int:
         )
     except ValueError as e:
         raise UserError(f"--mixed-precision {args.mixed_precision}: {e}") from e
-    manifest = read_manifest(args.shards)
-    check_shards(manifest, args.shards, args.split)
+    manifest = open_shards(args.shards)
+    check_shards(manifest, "", args.split)
     if other is not None and list(other.class_names) != list(manifest.classes):
         raise UserError(f"--compare {args.compare}: its classes differ from the shards' {manifest.classes}")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision.mode)

@@ -84,7 +84,8 @@ class Manifest:
             category_to_label={int(k): v for k, v in self.category_to_label.items()},
         )
 
-    def shard_paths(self, root: str | Path, split: str) -> list[Path]:
+    def shard_paths(self, root: str | Path = "", split: str = "train") -> list[Path]:
+        """Paths of `split`'s shards; names of a manifest from `open_shards` are absolute already."""
         if split not in self.splits:
             raise ManifestError(f"split {split!r} is not in the manifest (has: {sorted(self.splits)})")
         return [Path(root) / s.name for s in self.splits[split].shards]
@@ -158,6 +159,45 @@ def read_manifest(root: str | Path) -> Manifest:
         infos = [_shard_info(x, f"a shard of split {name!r}", path) for x in shards]
         splits[name] = _build(SplitInfo, s, f"split {name!r}", path, shards=infos)
     return _build(Manifest, raw, "the manifest", path, splits=splits)
+
+
+def open_shards(shards: str | Path | list[str], mix: list[float] | None = None) -> Manifest:
+    """The manifest of one shard folder, or of several folders trained together (`data.shards` as a list:
+    e.g. ModaNet and CCP, which share one label space), with every shard name made absolute so the result
+    needs no folder to resolve it. Several folders must have the same classes. With `mix` (relative weights
+    of the folders in the training stream), the train split's class statistics are those of the mixture."""
+    folders = [shards] if isinstance(shards, str | Path) else list(shards)
+    if not folders:
+        raise ManifestError("data.shards: no shard folder given")
+    if mix is not None and (len(mix) != len(folders) or min(mix) < 0 or not sum(mix) > 0):
+        raise ManifestError(f"data.mix {mix}: one weight >= 0 per folder of data.shards {folders}, not all 0")
+    manifests = [read_manifest(f) for f in folders]
+    for folder, m in zip(folders[1:], manifests[1:], strict=True):
+        if m.classes != manifests[0].classes or m.ignore_index != manifests[0].ignore_index:
+            raise ManifestError(
+                f"data.shards: {folder} has classes {m.classes}, {folders[0]} has {manifests[0].classes}: "
+                "folders trained together need one label space (shard them to the same target)"
+            )
+    train_sizes = [m.splits["train"].num_samples for m in manifests]
+    total = sum(train_sizes)
+    scale = [
+        1.0 if mix is None or not n else (mix[i] / sum(mix)) * total / n for i, n in enumerate(train_sizes)
+    ]
+    combined = dataclasses.replace(manifests[0], splits={})
+    for split in SPLITS:
+        info = SplitInfo(0, [], [0] * combined.num_classes, [0] * combined.num_classes)
+        for folder, m, s in zip(folders, manifests, scale, strict=True):
+            part = m.splits.get(split)
+            if part is None:
+                continue
+            root = Path(folder).resolve()
+            info.shards += [dataclasses.replace(x, name=str(root / x.name)) for x in part.shards]
+            info.num_samples += part.num_samples
+            k = s if split == "train" else 1.0
+            info.class_pixels = [a + k * b for a, b in zip(info.class_pixels, part.class_pixels, strict=True)]
+            info.class_images = [a + k * b for a, b in zip(info.class_images, part.class_images, strict=True)]
+        combined.splits[split] = info
+    return combined
 
 
 def check_shards(manifest: Manifest, root: str | Path, split: str) -> list[Path]:

@@ -131,7 +131,7 @@ def cfg(**kw) -> DataConfig:
         max_corrupt_samples=1000,
     )
     base.update(kw)
-    return DataConfig(shards="", **base)
+    return DataConfig(**{"shards": "", **base})
 
 
 AUG = AugmentConfig(color_jitter_p=0.5, blur_p=0.2, noise_p=0.2)
@@ -334,6 +334,38 @@ def test_repeat_factor_sampling_raises_rare_class_exposure(tmp_path):
         shares[t] = sum(k in rare for k in seen) / len(seen)
     assert shares[0.0] == pytest.approx(0.1, abs=0.012)
     assert shares[0.4] / 0.1 == pytest.approx(20 / 11, abs=0.12)
+
+
+def test_several_folders_are_drawn_in_the_proportions_of_mix(tmp_path):
+    """Two shard folders trained together (data.shards as a list): by default every sample is as likely as
+    any other; data.mix [1, 3] makes the second folder three times as frequent as the first."""
+    from modaseg.manifest import open_shards
+
+    key = iter(range(2000, 3000))
+    folders = [tmp_path / "a", tmp_path / "b"]
+    sizes = {folders[0]: [6, 2], folders[1]: [4]}  # folder a: two shards of unequal size
+    for folder, shard_sizes in sizes.items():
+        build_shards(
+            folder, {"train": [[make_sample(next(key), [1], 32, 32) for _ in range(n)] for n in shard_sizes]}
+        )
+    in_b = {str(k) for k in range(2008, 2012)}
+    for mix, share_b in ((None, 4 / 12), ([1.0, 3.0], 3 / 4)):
+        data = cfg(batch_size=4, shards=[str(f) for f in folders], mix=mix, shuffle_buffer=0)
+        manifest = open_shards(data.shards, mix)
+        seen = keys(
+            train_batches(
+                data,
+                AugmentConfig(color_jitter_p=0),
+                manifest,
+                "",
+                rank=0,
+                world_size=1,
+                seed=5,
+                epoch=0,
+                num_batches=1500,
+            )
+        )
+        assert sum(k in in_b for k in seen) / len(seen) == pytest.approx(share_b, abs=0.04)
 
 
 # ------------------------------------------------------------------------------------------ evaluation stream

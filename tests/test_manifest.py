@@ -111,3 +111,41 @@ def test_malformed_manifests_are_a_manifest_error(tmp_path, text):
     (tmp_path / "manifest.json").write_text(text)
     with pytest.raises(ManifestError):
         read_manifest(tmp_path)
+
+
+def test_open_shards_combines_folders_of_one_label_space(shard_dir, tmp_path):
+    """data.shards as a list: one manifest over both folders, absolute shard paths, summed statistics;
+    with data.mix the train split's class statistics are the mixture's."""
+    import shutil
+
+    from modaseg.manifest import check_shards, open_shards
+
+    twin = tmp_path / "twin"
+    shutil.copytree(shard_dir, twin)
+    one, both = open_shards(str(shard_dir)), open_shards([str(shard_dir), str(twin)])
+    for split in ("train", "val", "test"):
+        assert both.splits[split].num_samples == 2 * one.splits[split].num_samples
+        assert both.splits[split].class_pixels == [2 * n for n in one.splits[split].class_pixels]
+        paths = check_shards(both, "", split)
+        assert all(p.is_absolute() and p.is_file() for p in paths)
+        assert {p.parent for p in paths} == ({shard_dir.resolve(), twin.resolve()} if paths else set())
+    weighted = open_shards([str(shard_dir), str(twin)], mix=[3.0, 1.0])
+    assert weighted.splits["train"].class_pixels == pytest.approx(
+        [2 * n for n in one.splits["train"].class_pixels]
+    )
+    assert weighted.splits["val"].class_pixels == both.splits["val"].class_pixels
+
+
+def test_open_shards_refuses_folders_with_other_classes(shard_dir, tmp_path):
+    import json
+    import shutil
+
+    from modaseg.manifest import open_shards
+
+    other = tmp_path / "other"
+    shutil.copytree(shard_dir, other)
+    raw = json.loads((other / "manifest.json").read_text())
+    raw["classes"][1] = "handbag"
+    (other / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match="need one label space"):
+        open_shards([str(shard_dir), str(other)])

@@ -199,3 +199,13 @@ def test_infer_logits_works_at_the_model_resolution_and_answers_at_the_photo_siz
             ref = F.interpolate(ref, size=(h, w), mode="bilinear")
         assert logits.shape == (14, h, w)
         torch.testing.assert_close(logits, ref[0], rtol=1e-4, atol=1e-4)
+
+
+def test_parameters_the_unet_never_uses_are_frozen_for_ddp():
+    """DDP fails on a trainable parameter that takes no part in the loss: the timm- EfficientNet encoder's
+    classifier head convolution is one. It stays in the state dict (weights still load bit for bit)."""
+    model = build_model(ModelConfig(encoder="timm-tf_efficientnet_lite0"), 14)
+    frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+    assert frozen == ["encoder.bn2.bias", "encoder.bn2.weight", "encoder.conv_head.weight"]
+    assert "encoder.conv_head.weight" in model.state_dict()
+    assert all(p.requires_grad for p in build_model(ModelConfig(encoder="resnet18"), 14).parameters())
