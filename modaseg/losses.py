@@ -264,6 +264,9 @@ class _LovaszSoftmax(torch.autograd.Function):
         if ctx.grad is not None:
             out.transpose(0, 1).index_copy_(0, ctx.present, ctx.grad.to(out.dtype))
             out.mul_(grad_out)
+        # The [K, N] buffer would live as long as the graph's last reference (the loss tensor the trainer
+        # still holds); once_differentiable means it is never needed again.
+        ctx.grad = None
         return out, None, None
 
 

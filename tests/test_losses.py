@@ -447,3 +447,21 @@ def test_dice_global_two_processes_equals_one_process_on_the_whole_batch():
     # The all-reduce backward sums the (equal) upstream gradients of the 2 ranks; DDP's averaging of
     # parameter gradients divides by 2 again, giving the gradient of the global-batch Dice.
     torch.testing.assert_close(grads / 2, x.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_lovasz_releases_its_buffer_after_backward():
+    """The custom backward keeps one [K, N] fp32 gradient; it must not outlive the backward pass while the
+    caller still holds the loss (the trainer logs it after backward)."""
+    from modaseg.losses import _LovaszSoftmax
+
+    logits = torch.randn(2, 4, 16, 16, requires_grad=True)
+    target = torch.randint(0, 4, (2, 16, 16))
+    loss = lovasz_softmax(logits, target)
+    node = loss.grad_fn
+    while (
+        not isinstance(getattr(node, "_forward_cls", None), type) or node._forward_cls is not _LovaszSoftmax
+    ):
+        node = node.next_functions[0][0]
+    assert node.grad is not None  # the custom function's context holds the buffer until backward
+    loss.backward()
+    assert node.grad is None
