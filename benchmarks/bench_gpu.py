@@ -1,11 +1,13 @@
-"""GPU throughput of the training step: images/s, peak memory and MFU for the SMP U-Net, a batch sweep and
-gradient accumulation. Ready to run on a lent GPU machine (`python benchmarks/bench_gpu.py`); on CPU it
-runs a tiny smoke configuration only.
+"""GPU throughput of the trainer's own training step (benchmarks/trainer_step.py: the step train.py runs,
+DDP when launched with several processes, channels_last and precision from the config): images/s, peak
+memory per GPU and MFU over a batch sweep, micro-batching at the largest batch.
 
-MFU = (FLOPs of forward+backward, counted by torch.utils.flop_counter) / step time / --peak-tflops
-(default 989: H100 SXM dense bf16; H200 has the same tensor-core peak).
+    python benchmarks/bench_gpu.py --encoder resnet34 --height 576 --width 384 --batches 8,16,32,64
+    accelerate launch --config_file launch/gpu-8.yaml benchmarks/bench_gpu.py --batches 16,32   (DDP)
 
-    .venv/bin/python benchmarks/bench_gpu.py --encoder resnet34 --height 576 --width 384 --batches 8,16,32,64
+MFU = FLOPs of one update (counted by torch.utils.flop_counter) / step time / the GPU's dense bf16/fp16
+tensor peak, looked up by name in PEAK_TFLOPS (or --peak-tflops); unknown GPUs get no MFU column value.
+On CPU it runs a tiny smoke configuration only.
 """
 
 from __future__ import annotations
@@ -16,25 +18,17 @@ import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from trainer_step import random_batch, trainer_step
 
-from modaseg.config import LossConfig, ModelConfig
-from modaseg.losses import CompositeLoss, class_weights
-from modaseg.model import build_model, preprocess
+from modaseg.config import load_config
+
+# Dense bf16 (fp16 where the GPU has no bf16) tensor-core peaks, TFLOP/s, from the vendors' data sheets.
+PEAK_TFLOPS = {"H200": 989, "H100 SXM": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "H100": 756,
+               "A100": 312, "L40S": 362, "A10G": 70, "A10": 125, "L4": 121, "V100": 125, "T4": 65}  # fmt: skip
 
 
-def step_fn(model, opt, loss_fn, images, target, accum: int, channels_last: bool):
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        for k in range(accum):
-            x = preprocess(images[k::accum], channels_last)
-            with torch.autocast(images.device.type, dtype=torch.bfloat16):
-                logits = model(x)
-            loss, _ = loss_fn(logits, target[k::accum])
-            (loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-
-    return step
+def peak_tflops(name: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 def main() -> None:
@@ -42,41 +36,41 @@ def main() -> None:
     p.add_argument("--encoder", default="resnet34")
     p.add_argument("--height", type=int, default=576)
     p.add_argument("--width", type=int, default=384)
-    p.add_argument("--batches", default="8,16,32,64")
-    p.add_argument("--accum", default="1,4", help="accumulation steps to try at the largest batch")
+    p.add_argument("--batches", default="8,16,32,64", help="per-process batches")
+    p.add_argument("--micro", default="", help="micro-batches to try at the largest batch, e.g. 8,16")
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--peak-tflops", type=float, help="the GPU's peak, if not in PEAK_TFLOPS")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     args = p.parse_args()
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
     if not cuda:
-        args.height, args.width, args.batches, args.accum, args.repeats = 64, 64, "2", "1,2", 2
+        args.height, args.width, args.batches, args.micro, args.repeats = 64, 64, "2", "1", 2
         print("no GPU: tiny CPU smoke configuration")
-    torch.backends.cudnn.benchmark = True
-    C = 14
-    model = build_model(ModelConfig(encoder=args.encoder, channels_last=args.channels_last), C).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-    loss_fn = CompositeLoss(
-        LossConfig(), C, class_weights([1000 // (i + 1) for i in range(C)], "power").to(device)
-    )
-    print(
-        f"{torch.cuda.get_device_name() if cuda else 'cpu'}; U-Net {args.encoder} {args.height}x{args.width} bf16, "
-        f"composite loss, median of {args.repeats}"
-    )
-    print(f"{'batch':>6}{'accum':>6}{'s/step':>9}{'img/s':>9}{'peak GiB':>10}{'TFLOP/s':>9}{'MFU':>7}")
+    else:
+        torch.backends.cudnn.benchmark = True  # as the trainer sets it for the fixed training crop
     batches = [int(b) for b in args.batches.split(",")]
+    rows = []
     for batch in batches:
-        for accum in [int(a) for a in args.accum.split(",")] if batch == batches[-1] else [1]:
-            images = torch.randint(
-                0, 256, (batch, 3, args.height, args.width), dtype=torch.uint8, device=device
+        for micro in (
+            [None, *[int(m) for m in args.micro.split(",") if m]] if batch == batches[-1] else [None]
+        ):
+            cfg = load_config(
+                None,
+                [
+                    f"model.encoder={args.encoder}",
+                    f"model.channels_last={str(args.channels_last).lower()}",
+                    f"data.batch_size={batch}",
+                    f"optim.mixed_precision={args.precision}",
+                ],
             )
-            target = torch.randint(0, C, (batch, args.height, args.width), device=device)
-            step = step_fn(model, opt, loss_fn, images, target, accum, args.channels_last)
+            accelerator, precision, _, step = trainer_step(cfg, micro)
+            device = accelerator.device
+            data = random_batch(batch, args.height, args.width, device)
             try:
-                step()
+                step(data)
                 with FlopCounterMode(display=False) as counter:
-                    step()
+                    step(data)
                 flops = counter.get_total_flops()
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
@@ -85,21 +79,34 @@ def main() -> None:
                     if cuda:
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    step()
+                    step(data)
                     if cuda:
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - t0)
             except torch.OutOfMemoryError:
-                print(f"{batch:>6}{accum:>6}  out of memory")
+                rows.append((batch, micro, None, None, None))
                 torch.cuda.empty_cache()
                 continue
             t = statistics.median(times)
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-            tflops = flops / t / 1e12
-            print(
-                f"{batch:>6}{accum:>6}{t:>9.3f}{batch / t:>9.1f}{peak:>10.2f}{tflops:>9.1f}"
-                f"{100 * tflops / args.peak_tflops:>6.1f}%"
-            )
+            rows.append((batch, micro or batch, t, peak, flops / t / 1e12))
+    if accelerator.is_main_process:
+        name = torch.cuda.get_device_name() if cuda else "cpu"
+        peak_flops = args.peak_tflops or (peak_tflops(name) if cuda else None)
+        print(
+            f"{accelerator.num_processes} x {name}; U-Net {args.encoder} {args.height}x{args.width} "
+            f"{precision.label} ({precision.reason}), composite loss, median of {args.repeats}; "
+            f"peak {peak_flops or 'unknown'} TFLOP/s"
+        )
+        print(
+            f"{'batch':>6}{'micro':>6}{'s/step':>9}{'img/s/GPU':>11}{'peak GiB':>10}{'TFLOP/s':>9}{'MFU':>7}"
+        )
+        for batch, micro, t, peak, tflops in rows:
+            if t is None:
+                print(f"{batch:>6}{micro or batch:>6}  out of memory")
+                continue
+            mfu = f"{100 * tflops / peak_flops:>6.1f}%" if peak_flops else "    n/a"
+            print(f"{batch:>6}{micro:>6}{t:>9.3f}{batch / t:>11.1f}{peak:>10.2f}{tflops:>9.1f}{mfu}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
-"""Full training step vs a bare PyTorch step, same model and batch, side by side in one run.
+"""The trainer's full step vs a bare PyTorch step, same model and batch, side by side in one run.
 
-full: bf16 autocast forward, CompositeLoss (focal + weighted dice + lovasz, fp32), backward, grad clip,
-      AdamW, ConfusionMatrix update on the batch's predictions, the per-step loss reduction the trainer does
-bare: bf16 autocast forward, cross-entropy, backward, AdamW
+full: the trainer's own update (benchmarks/trainer_step.py): forward under the run's precision,
+      CompositeLoss (focal + weighted Dice + Lovasz, fp32), backward, the one StepSync all-reduce read on
+      the host, gradient norm + clip, AdamW
+bare: forward under the same precision, cross-entropy, backward, AdamW
+
+The precision follows the trainer's rule (optim.mixed_precision=auto: bf16 only where the CPU or GPU
+computes it natively, else fp32) unless --precision says otherwise; the table says which ran.
 
     .venv/bin/python benchmarks/bench_train.py [--encoder resnet34 --height 384 --width 576 --batch 4 --repeats 5]
 """
@@ -15,12 +19,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from trainer_step import random_batch, trainer_step
 
-from modaseg.config import LossConfig, ModelConfig
-from modaseg.losses import CompositeLoss, class_weights
-from modaseg.metrics import ConfusionMatrix
-from modaseg.model import build_model, preprocess
-from modaseg.train import tune_cpu_allocator
+from modaseg.config import load_config
+from modaseg.hardware import cpu_has_native_bf16, tune_cpu_allocator
+from modaseg.model import preprocess
 
 
 def main() -> None:
@@ -30,42 +33,32 @@ def main() -> None:
     p.add_argument("--width", type=int, default=576)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--precision", default="auto", choices=["auto", "no", "bf16"])
     p.add_argument("--default-malloc", action="store_true", help="skip the trainer's CPU allocator tuning")
     args = p.parse_args()
     if not args.default_malloc:
-        tune_cpu_allocator()  # what modaseg/train.py does on CPU
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        tune_cpu_allocator()  # what the trainer does on CPU
     torch.manual_seed(0)
-    C = 14
-    model = build_model(ModelConfig(encoder=args.encoder), C).to(device)
+    cfg = load_config(
+        None,
+        [
+            f"model.encoder={args.encoder}",
+            f"data.batch_size={args.batch}",
+            f"optim.mixed_precision={args.precision}",
+            "optim.lr=1e-4",
+        ],
+    )
+    accelerator, precision, model, full_step = trainer_step(cfg)
+    device = accelerator.device
+    batch = random_batch(args.batch, args.height, args.width, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images = torch.randint(0, 256, (args.batch, 3, args.height, args.width), dtype=torch.uint8, device=device)
-    target = torch.randint(0, C, (args.batch, args.height, args.width), device=device)
-    target[:, :8] = 255
-    pixels = [int(1e6 / (i + 1) ** 2) for i in range(C)]
-    loss_fn = CompositeLoss(LossConfig(), C, class_weights(pixels, "power").to(device))
-    matrix = ConfusionMatrix(C, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     def bare() -> None:
         opt.zero_grad(set_to_none=True)
-        with autocast:
-            logits = model(preprocess(images))
-        F.cross_entropy(logits.float(), target, ignore_index=255).backward()
+        with accelerator.autocast():
+            logits = model(preprocess(batch["image"]))
+        F.cross_entropy(logits.float(), batch["mask"].long(), ignore_index=255).backward()
         opt.step()
-
-    def full() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            logits = model(preprocess(images))
-        loss, parts = loss_fn(logits, target)
-        values = torch.stack([(~torch.isfinite(loss)).float(), loss.detach(), *parts.values()])
-        values.tolist()  # the trainer's per-step reduction result, read on the host
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        matrix.update(logits.detach().argmax(1), target)
 
     def timed(fn) -> float:
         if device.type == "cuda":
@@ -76,14 +69,15 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    bare(), full()  # warm-up
+    bare(), full_step(batch)  # warm-up
     times: dict[str, list[float]] = {"bare": [], "full": []}
     for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
         times["bare"].append(timed(bare))
-        times["full"].append(timed(full))
+        times["full"].append(timed(lambda: full_step(batch)))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(
-        f"device {device}, U-Net {args.encoder}, batch {args.batch}x3x{args.height}x{args.width}, {args.dtype}, "
+        f"device {device} (native bf16 on this CPU: {cpu_has_native_bf16()}), U-Net {args.encoder}, batch "
+        f"{args.batch}x3x{args.height}x{args.width}, precision {precision.label} ({precision.reason}), "
         f"median of {args.repeats}, threads {torch.get_num_threads()}"
     )
     print(f"{'step':<8}{'s/step':>10}{'img/s':>10}{'ratio':>8}")
