@@ -15,12 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from modaseg.console import UserError
-
-
-class InputError(UserError, ValueError):
-    """The input (annotation file, label files, image source, options) is unusable: one clear message,
-    exit code 2, nothing written."""
+from modaseg.console import InputError
 
 
 class MissingInputError(InputError, FileNotFoundError):

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import time
 from collections.abc import Callable
 
 EXIT_USER_ERROR = 2
+USER_ERROR_GRACE_S = 5.0  # how long ranks > 0 wait before exiting on a user error
 
 
 class UserError(Exception):
@@ -31,16 +34,33 @@ def process_rank() -> int:
 
 
 def run_cli(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a CLI's main: UserError -> `prog: error: message` on stderr (rank 0 only), exit 2."""
+    """Run a CLI's main: UserError -> `prog: error: message` on stderr (rank 0 only), exit 2.
+
+    As one of several processes (a launcher's WORLD_SIZE > 1) the exit code, once decided, is kept: when
+    one rank exits first the launcher sends SIGTERM to the others, and at interpreter shutdown Python puts
+    back the default action of the signals it handles, which would turn a decided 75 (checkpoint saved)
+    or 2 (user error) into a kill. Every rank meets the same user error and rank 0 alone reports it, so
+    the others wait a moment: a launcher that sees them fail first would stop rank 0 before it printed."""
     try:
-        return main(argv)
+        code = main(argv)
     except UserError as e:
         if process_rank() == 0:
             print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+        code = EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+        if code == EXIT_USER_ERROR and process_rank() > 0:
+            time.sleep(USER_ERROR_GRACE_S)
+    return code
+
+
+class InputError(UserError, ValueError):
+    """The input of a data-preparation tool (annotation file, label files, image source, options) is
+    unusable: one clear message, exit code 2, nothing written."""
 
 
 def progress_bar(enabled: bool, *fields: str):

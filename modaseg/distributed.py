@@ -29,18 +29,9 @@ class StopRequest:
         return self.signal is not None
 
     def restore(self) -> None:
-        """Give the signals back their handlers from before (the trainer keeps them: see keep_exit_code)."""
+        """Give the signals back their handlers from before (console.run_cli then keeps a decided exit code)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def keep_exit_code() -> None:
-    """The process has decided its exit code and is on its way out: ignore stop signals from here. When
-    one rank exits first, the launcher sends SIGTERM to the others; at interpreter shutdown Python puts
-    back the default action of every signal it handles (not of ignored ones), and that SIGTERM would turn
-    the code a rank decided on (75 after a checkpoint, 2 after a user error) into a kill."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def bare_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:

@@ -35,7 +35,7 @@ import yaml
 from PIL import Image
 
 from modaseg.classes import IGNORE_INDEX, MODANET, LabelSpace
-from modaseg.coco import InputError
+from modaseg.console import InputError
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".mat")

@@ -86,8 +86,8 @@ from pycocotools import mask as mask_utils
 
 from modaseg import __version__
 from modaseg.classes import IGNORE_INDEX, LabelSpace
-from modaseg.coco import InputError, check_polygon, fit_polygon, is_int, load_coco
-from modaseg.console import UserError, progress_bar, run_cli
+from modaseg.coco import check_polygon, fit_polygon, is_int, load_coco
+from modaseg.console import InputError, UserError, progress_bar, run_cli
 from modaseg.files import UnsafeFileError, file_fingerprint, read_inside, write_atomic, write_json_atomic
 from modaseg.labelmaps import (
     DEFAULT_MASK_VARIABLE,

@@ -39,8 +39,8 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from modaseg.classes import MODANET_CATEGORIES
-from modaseg.coco import InputError, check_polygon, fit_polygon, is_int, load_coco
-from modaseg.console import progress_bar, run_cli
+from modaseg.coco import check_polygon, fit_polygon, is_int, load_coco
+from modaseg.console import InputError, progress_bar, run_cli
 from modaseg.files import write_atomic
 
 log = logging.getLogger(__name__)

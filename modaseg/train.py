@@ -26,7 +26,7 @@ from rich.console import Console
 
 from modaseg.checkpoint import PREFIX, TrainerState, checkpoint_root, resume, save_checkpoint, write_state
 from modaseg.config import Config, dump_config, load_config, save_config, to_dict
-from modaseg.console import EXIT_USER_ERROR, process_rank, run_cli
+from modaseg.console import run_cli
 from modaseg.data import CorruptDataError
 from modaseg.distributed import (
     EXIT_REQUEUE,
@@ -34,7 +34,6 @@ from modaseg.distributed import (
     bare_model,
     broadcast_from_main,
     check_replicas,
-    keep_exit_code,
     sync_buffers,
 )
 from modaseg.evaluate import EvalResult, evaluate_split, write_report_files
@@ -58,7 +57,6 @@ from modaseg.step import (
 )
 
 log = logging.getLogger("modaseg")
-USER_ERROR_GRACE_S = 5.0
 
 
 class Preempted(Exception):
@@ -411,13 +409,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = run_cli("modaseg-train", _main, argv)
-    keep_exit_code()
-    if code == EXIT_USER_ERROR and process_rank() > 0:
-        # Every rank meets the same user error, and rank 0 alone reports it. A launcher that sees another
-        # rank fail first stops rank 0 at once, maybe before it printed: give it time to say it.
-        time.sleep(USER_ERROR_GRACE_S)
-    return code
+    return run_cli("modaseg-train", _main, argv)
 
 
 if __name__ == "__main__":

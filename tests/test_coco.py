@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from modaseg.coco import InputError, check_polygon, clip_polygon, fit_polygon, load_coco
-from modaseg.console import UserError
+from modaseg.coco import check_polygon, clip_polygon, fit_polygon, load_coco
+from modaseg.console import InputError, UserError
 
 W, H = 64, 96
 SQUARE = [5, 5, 50, 5, 50, 80, 5, 80]

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from modaseg.classes import MODANET
-from modaseg.coco import InputError
+from modaseg.console import InputError
 from modaseg.labelmaps import (
     Rejected,
     key_problem,

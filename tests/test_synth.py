@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 
 from modaseg import synth
 from modaseg.classes import MODANET_CATEGORIES
-from modaseg.coco import InputError
+from modaseg.console import InputError
 from modaseg.manifest import read_manifest
 from modaseg.shard import main as shard_main
 
