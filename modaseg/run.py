@@ -1,14 +1,13 @@
-"""What a training run holds (`Run`) and how it is built from a config: the device and precision, the
-shards, the model and loss, the plan (micro-batch, accumulation, workers, expected speed), the
-optimizer, all prepared for DDP. `train.py` drives it."""
+"""What a training run holds (`Run`), how it is built from a config (device, precision, shards, model,
+loss, plan, optimizer, all prepared for DDP), and what it does besides the epoch loop that `train.py`
+drives: open its folder, count and report updates, validate, export, summarise."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import math
-import os
+import resource
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -18,89 +17,42 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
+from rich.console import Console
 from torch import nn
 
 from modaseg.checkpoint import TrainerState, check_resume_setting
-from modaseg.config import Config, ConfigError
+from modaseg.config import Config, ConfigError, dump_config, save_config, to_dict
 from modaseg.console import UserError, progress_bar, setup_logging
-from modaseg.data import TrainLoader, batches_per_epoch, class_exposure
-from modaseg.distributed import StopRequest
-from modaseg.files import write_json_atomic
+from modaseg.data import CorruptDataError, TrainLoader, class_exposure
+from modaseg.distributed import StopRequest, bare_model, sync_buffers
+from modaseg.evaluate import EvalResult, evaluate_split, write_report_files
+from modaseg.files import json_safe, write_json_atomic
 from modaseg.hardware import (
-    FAULT_OOM_ENV,
-    MicroBatchError,
     choose_device,
     configure_kernels,
-    fits_in_memory,
-    plan_workers,
-    probe_step,
     resolve_precision,
-    search_micro_batch,
     tune_cpu_allocator,
 )
 from modaseg.losses import COMPONENTS, CompositeLoss, class_weights, format_class_weights
 from modaseg.manifest import Manifest, ManifestError, check_shards, open_shards
-from modaseg.model import EXPORT_META, Normalization, build_model, input_normalization
-from modaseg.monitor import DeferredLogFile, log_class_table
-from modaseg.step import build_optimizer
+from modaseg.metrics import render_table
+from modaseg.model import EXPORT_META, Normalization, build_model, export_model, input_normalization
+from modaseg.monitor import (
+    DeferredLogFile,
+    LogMeter,
+    log_class_table,
+    open_writer,
+    report_skip,
+    report_window,
+)
+from modaseg.plan import Plan, plan_run, save_plan
+from modaseg.step import StepSync, TrainingDiverged, UpdateResult, build_optimizer, check_buffers_finite
 
 log = logging.getLogger("modaseg")
-PLAN_NAME = "plan.json"
 
 
-@dataclass
-class Plan:
-    """How the run uses the machine, decided at start-up, printed as a table and saved in the run folder
-    (a resumed run reuses its micro-batch and workers)."""
-
-    device: str
-    precision: str  # fp32, bf16 or fp16
-    precision_reason: str
-    processes: int
-    batch_size: int  # per process and loader batch (data.batch_size)
-    micro_batch: int  # samples per forward/backward
-    micro_batch_reason: str
-    grad_accum: int  # loader batches per update (optim.grad_accum)
-    workers: int
-    workers_reason: str
-    num_batches: int  # loader batches per epoch and process
-    total_updates: int
-    expected_images_per_s: float | None  # all processes, from a timed forward/backward (NaN if unmeasured)
-    determinism: str
-
-    @property
-    def micro_steps(self) -> int:
-        return self.batch_size // self.micro_batch
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.grad_accum * self.processes
-
-    def table(self):
-        from rich.table import Table
-
-        table = Table(title="training plan", show_header=False)
-        rate = self.expected_images_per_s
-        rows = [
-            ("device", f"{self.processes} process(es) on {self.device}"),
-            ("precision", f"{self.precision}: {self.precision_reason}"),
-            (
-                "batch",
-                f"micro-batch {self.micro_batch} x {self.micro_steps} micro-steps x accumulation "
-                f"{self.grad_accum} x {self.processes} process(es) = global batch {self.global_batch}",
-            ),
-            ("micro-batch", self.micro_batch_reason),
-            ("data workers", f"{self.workers} per process: {self.workers_reason}"),
-            ("updates", f"{self.total_updates} ({self.num_batches} loader batches per epoch and process)"),
-            (
-                "expected speed",
-                "not measured" if rate is None else f"{rate:.1f} images/s (first-step estimate)",
-            ),
-            ("repeatability", self.determinism),
-        ]
-        for key, value in rows:
-            table.add_row(key, value)
-        return table
+class Preempted(Exception):
+    """A stop was requested and a checkpoint holds everything: exit so the job can be requeued."""
 
 
 @dataclass
@@ -139,6 +91,168 @@ class Run:
     def data_config(self):
         """The data settings with the planned worker count in place of `auto`."""
         return dataclasses.replace(self.cfg.data, workers=self.plan.workers)
+
+    def open_run_folder(self, state: TrainerState) -> None:
+        """The first write to the run folder, after the resume decision: its log, config, class names,
+        plan, TensorBoard; then the training loader and the progress bar."""
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.log_file.open(self.run_dir / "train.log")
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            write_json_atomic(self.run_dir / EXPORT_META, {"classes": self.names})
+            save_plan(self.plan, self.run_dir)
+            weights = format_class_weights(torch.tensor(self.class_weights), self.names)
+            self.writer = open_writer(self.run_dir, state.updates, dump_config(self.cfg), weights)
+            log.info("%s", self.plan.text())  # on the terminal, in train.log and in SLURM's output file
+            self.progress = progress_bar(True)
+            total = self.plan.num_batches * self.cfg.train.epochs
+            done = state.epoch * self.plan.num_batches + state.batch
+            self.progress_task = self.progress.add_task("training", total=total, completed=done)
+            self.progress.start()
+        self.loader = TrainLoader(
+            self.data_config,
+            self.cfg.augment,
+            self.manifest,
+            "",  # the manifest's shard paths are absolute (open_shards)
+            rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes,
+            seed=state.seed,
+            num_batches=self.plan.num_batches,
+            mask_dtype=torch.uint8,
+            long_side=self.cfg.model.input_long_side,
+        )
+
+    def record_update(
+        self, state: TrainerState, update: UpdateResult, sync: StepSync, meter: LogMeter, where: str
+    ) -> None:
+        """Bookkeeping of one update: skipped updates and corrupt samples counted (and limited), the
+        progress bar advanced, the logging window reported when due."""
+        cfg = self.cfg
+        state.skipped_samples += sync.skipped_samples
+        if update.skipped in ("nonfinite_loss", "nonfinite_grad"):
+            state.bad_steps += 1
+            self.bad_in_a_row += 1
+            report_skip(self.writer, update, sync, state.updates, where, state.bad_steps)
+            check_buffers_finite(self.model, where)
+            if self.bad_in_a_row > cfg.train.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{self.bad_in_a_row} consecutive non-finite losses (train.max_bad_steps="
+                    f"{cfg.train.max_bad_steps}); lower optim.lr or check the data, then resume"
+                )
+        else:
+            self.bad_in_a_row = 0
+            if update.skipped == "scaler":
+                state.scaler_skipped += 1
+                report_skip(self.writer, update, sync, state.updates, where, state.scaler_skipped)
+        if state.skipped_samples > cfg.data.max_corrupt_samples:
+            raise CorruptDataError(
+                f"{state.skipped_samples} corrupt training samples skipped, more than "
+                f"data.max_corrupt_samples={cfg.data.max_corrupt_samples} (the log names them)"
+            )
+        if self.progress is not None:
+            self.progress.update(
+                self.progress_task, completed=state.epoch * self.plan.num_batches + state.batch
+            )
+        if (
+            self.accelerator.is_main_process
+            and state.updates % max(1, cfg.train.log_every // cfg.optim.grad_accum) == 0
+        ):
+            window = meter.close_window()
+            report_window(
+                self.writer,
+                self.progress,
+                self.progress_task,
+                window,
+                update,
+                self.loss_parts,
+                state.updates,
+                where,
+            )
+
+    def validate(self, split: str) -> EvalResult:
+        """Every rank scores its block of `split` with rank 0's BatchNorm statistics (the saved model); a
+        stop request aborts it on every rank (Preempted). cuDNN autotuning is off: eval sizes vary."""
+        acc = self.accelerator
+        sync_buffers(acc, self.model)
+        benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = False
+        try:
+            result = evaluate_split(
+                bare_model(acc, self.model),
+                self.data_config,
+                self.manifest,
+                split,
+                device=acc.device,
+                rank=acc.process_index,
+                world_size=acc.num_processes,
+                autocast=acc.autocast,
+                tta_flip=self.cfg.eval.tta_flip,
+                channels_last=self.cfg.model.channels_last,
+                keep_samples=self.cfg.train.overlay_samples if acc.is_main_process else 0,
+                normalization=self.normalization,
+                should_stop=lambda: self.stop.requested,
+                long_side=self.cfg.model.input_long_side,
+            )
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
+        if result is None:
+            raise Preempted  # the checkpoint says the validation is pending: the resumed run does it first
+        return result
+
+    def export(self, name: str, metrics: dict | None = None) -> None:
+        """RUN/name as a standalone export of the current weights (main process)."""
+        if self.accelerator.is_main_process:
+            bare = bare_model(self.accelerator, self.model)
+            export_model(
+                bare,
+                self.run_dir / name,
+                self.names,
+                self.normalization,
+                metrics,
+                self.cfg.model.input_long_side,
+            )
+
+    def write_summary(
+        self, state: TrainerState, meter: LogMeter, result: EvalResult | None, which: str
+    ) -> None:
+        """The test table (terminal and RUN/eval-test/) and RUN/summary.json, valid JSON (NaN -> null)."""
+        if result is not None:
+            title = f"test: {result.num_samples} images, {which}"
+            Console().print(render_table(result.report, title=title))
+            write_report_files(result, self.run_dir / "eval-test", title)
+            if self.writer is not None:
+                self.writer.add_scalar("test/miou", result.report.miou, state.updates)
+        device = self.accelerator.device
+        summary = {
+            "test": result.report.to_dict() if result is not None else None,
+            "tested_model": which,
+            "best_val_miou": state.best_miou if state.best_epoch >= 0 else None,
+            "best_epoch": state.best_epoch if state.best_epoch >= 0 else None,
+            "history": state.history,
+            "updates": state.updates,
+            "epochs": state.epoch,
+            "wall_seconds": time.perf_counter() - self.started,
+            "train_images_per_s": meter.images_per_s,
+            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_memory_kind": "cuda" if device.type == "cuda" else "host RSS (rank 0)",
+            "bad_steps": state.bad_steps,
+            "scaler_skipped": state.scaler_skipped,
+            "skipped_samples": state.skipped_samples,
+            "processes": self.accelerator.num_processes,
+            "precision": {"mode": self.plan.precision, "reason": self.plan.precision_reason},
+            "plan": {**self.plan.__dict__, "micro_steps": self.plan.micro_steps},
+            "config": to_dict(self.cfg),
+        }
+        write_json_atomic(self.run_dir / "summary.json", json_safe(summary))
+        test = f"test mIoU {result.report.miou:.4f}" if result is not None else "no test split"
+        log.info(
+            "done in %.0f s: %s; TensorBoard: tensorboard --logdir %s",
+            summary["wall_seconds"],
+            test,
+            self.run_dir / "tensorboard",
+        )
 
     def close(self) -> None:
         """End workers, the progress bar, TensorBoard and the process group, on every exit path. The stop
@@ -244,150 +358,6 @@ def warn_empty_splits(manifest: Manifest) -> None:
     ):
         if manifest.splits[split].num_samples == 0:
             log.warning("the %s split is empty: %s", split, consequence)
-
-
-def plan_run(
-    cfg: Config,
-    accelerator: Accelerator,
-    model: nn.Module,
-    loss_fn: nn.Module,
-    manifest: Manifest,
-    precision,
-    determinism: str,
-    device_reason: str,
-) -> Plan:
-    """Micro-batch (searched on a GPU, or reused from a resumed run's plan), workers and the expected
-    speed from one timed forward/backward of the real model, loss and crop."""
-    world = accelerator.num_processes
-    info = manifest.splits["train"]
-    num_batches = cfg.train.steps_per_epoch or batches_per_epoch(
-        info.num_samples, world, cfg.data.batch_size, cfg.optim.grad_accum
-    )
-    saved = _saved_plan(Path(cfg.train.output_dir), cfg)
-    micro, reason, seconds = _choose_micro_batch(
-        cfg, accelerator, model, loss_fn, manifest.num_classes, saved
-    )
-    rate = None if seconds is None else world * micro / seconds
-    if cfg.data.workers != "auto":
-        workers, workers_reason = cfg.data.workers, "set in the config"
-    elif saved is not None:
-        workers, workers_reason = (
-            saved["workers"],
-            f"as planned when the run started ({saved['workers_reason']})",
-        )
-    else:
-        workers, workers_reason = plan_workers(None if rate is None else rate / world)
-    return Plan(
-        device=f"{accelerator.device} ({device_reason})",
-        precision=precision.label,
-        precision_reason=precision.reason,
-        processes=world,
-        batch_size=cfg.data.batch_size,
-        micro_batch=micro,
-        micro_batch_reason=reason,
-        grad_accum=cfg.optim.grad_accum,
-        workers=workers,
-        workers_reason=workers_reason,
-        num_batches=num_batches,
-        total_updates=math.ceil(num_batches / cfg.optim.grad_accum) * cfg.train.epochs,
-        expected_images_per_s=rate,
-        determinism=determinism,
-    )
-
-
-def _saved_plan(run_dir: Path, cfg: Config) -> dict | None:
-    """The plan of the run being resumed, if it was made for the same per-process batch."""
-    try:
-        saved = json.loads((run_dir / PLAN_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    if cfg.train.resume == "none" or saved.get("batch_size") != cfg.data.batch_size:
-        return None
-    return saved
-
-
-def _choose_micro_batch(
-    cfg: Config, accelerator: Accelerator, model: nn.Module, loss_fn: nn.Module, num_classes: int, saved
-) -> tuple[int, str, float | None]:
-    """(micro-batch, why, seconds of one forward/backward at it). The probes run on the bare model
-    before DDP wraps it (no collective), leave no gradient, and restore BatchNorm statistics."""
-    device = accelerator.device
-    batch = cfg.data.batch_size
-    crop = (cfg.data.crop_height, cfg.data.crop_width)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    timings: dict[int, float] = {}
-
-    def step(m: int) -> float:
-        return probe_step(model, loss_fn, m, crop, num_classes, device, accelerator.autocast)
-
-    def fits(m: int) -> bool:
-        ok, seconds = fits_in_memory(device, lambda: step(m))
-        if ok and seconds is not None:
-            timings[m] = seconds
-        return ok
-
-    try:
-        if cfg.train.micro_batch != "auto":
-            micro, reason = cfg.train.micro_batch, "set in the config"
-        elif saved is not None:
-            micro, reason = saved["micro_batch"], "as planned when the run started"
-        elif device.type == "cuda" or os.environ.get(FAULT_OOM_ENV, "").strip():
-            error = None
-            try:
-                micro, tries = search_micro_batch(fits, batch)
-            except MicroBatchError as e:  # raised after the gather, on every rank: none may wait in it
-                micro, tries, error = 0, [], e
-            # every rank uses the smallest any rank found (the devices may differ); 0 = none fits
-            micro = int(accelerator.gather(torch.tensor([micro], device=device)).min())
-            if micro == 0:
-                raise error or MicroBatchError("even a micro-batch of 1 does not fit another rank's device")
-            reason = "largest that fits the device memory; tried " + ", ".join(
-                f"{m} {'fits' if ok else 'out of memory'}" for m, ok in tries
-            )
-        else:
-            micro, reason = (
-                batch,
-                "data.batch_size (on CPU the search is off: out of memory is not recoverable)",
-            )
-        if micro not in timings:
-            fits(micro)  # warm-up (first allocations, cuDNN autotuning): its time is not representative
-        fits(micro)  # the expected speed, and a check that the step runs at all
-        return micro, reason, timings.get(micro)
-    finally:
-        with torch.no_grad():
-            for name, value in model.named_buffers():
-                value.copy_(buffers[name])
-
-
-def save_plan(run: Run) -> None:
-    if run.accelerator.is_main_process:
-        write_json_atomic(
-            run.run_dir / PLAN_NAME, {**dataclasses.asdict(run.plan), "micro_steps": run.plan.micro_steps}
-        )
-
-
-def start_loader(run: Run, state: TrainerState) -> TrainLoader:
-    return TrainLoader(
-        run.data_config,
-        run.cfg.augment,
-        run.manifest,
-        "",  # the manifest's shard paths are absolute (open_shards)
-        rank=run.accelerator.process_index,
-        world_size=run.accelerator.num_processes,
-        seed=state.seed,
-        num_batches=run.plan.num_batches,
-        mask_dtype=torch.uint8,
-        long_side=run.cfg.model.input_long_side,
-    )
-
-
-def start_progress(run: Run, done: int) -> None:
-    """The rich progress bar over the run's loader batches (main process, interactive terminal)."""
-    if run.accelerator.is_main_process:
-        run.progress = progress_bar(True)
-        total = run.plan.num_batches * run.cfg.train.epochs
-        run.progress_task = run.progress.add_task("training", total=total, completed=done)
-        run.progress.start()
 
 
 def explain_config_differences(cfg: Config, classes: list[str]):

@@ -37,7 +37,7 @@ from modaseg.checkpoint import checkpoint_root, list_checkpoints, read_state
 from modaseg.config import load_config
 from modaseg.distributed import EXIT_REQUEUE
 from modaseg.hardware import FAULT_OOM_ENV
-from modaseg.run import PLAN_NAME
+from modaseg.plan import PLAN_NAME
 from modaseg.step import FAULT_NAN_ENV
 
 pytestmark = pytest.mark.slow
