@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 source .venv/bin/activate
+started=$SECONDS  # the demo's own time, after the one-time set-up of .venv
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -47,6 +48,7 @@ step "5/5 predictions for three of the generated images"
 ls data/synth-demo/images/*.jpg | tail -n 3 | xargs modaseg-predict --checkpoint runs/demo/best --out runs/demo/predict
 
 echo
+echo "Demo finished in $(((SECONDS - started) / 60)) min $(((SECONDS - started) % 60)) s."
 echo "Reports:     runs/demo/eval-test/ (metrics.md, confusion.png, iou.png), runs/demo/summary.json"
 echo "Predictions: runs/demo/predict/"
 echo "TensorBoard: .venv/bin/tensorboard --logdir runs/demo/tensorboard"

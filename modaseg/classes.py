@@ -1,7 +1,7 @@
 """The label space, defined once: 0 = background, 1..K = the dataset's category ids, 255 = ignore.
 
-ModaNet's category ids are kept as label values unchanged (no off-by-one remapping): the system this
-replaces printed background under the name "bag". Names come from the annotation file when there is
+ModaNet's category ids are kept as label values unchanged (no off-by-one remapping, under which label 0
+would print as "bag" and background as a garment). Names come from the annotation file when there is
 one, so other COCO-polygon fashion datasets work too.
 """
 
