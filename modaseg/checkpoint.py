@@ -34,6 +34,7 @@ from accelerate import Accelerator
 from modaseg.console import UserError
 from modaseg.distributed import bare_model, broadcast_from_main
 from modaseg.files import fsync_dir, json_safe, write_json_atomic
+from modaseg.model import EXPORT_META
 
 log = logging.getLogger("modaseg")
 
@@ -273,6 +274,7 @@ def resume(
     optimizer: torch.optim.Optimizer,
     layout: dict[str, int],
     explain_mismatch: Callable[[Path], str],
+    classes: list[str] | None = None,
 ) -> TrainerState | None:
     """Load the checkpoint that `how` names ("auto" = newest complete one, falling back to older ones
     when one is corrupt; "none"; or a path). Returns its state, or None for a fresh start (after checking
@@ -298,7 +300,7 @@ def resume(
     for path in candidates:
         verdict = None
         if accelerator.is_main_process:
-            verdict = _fit_verdict(path, bare, optimizer, layout, explain_mismatch)
+            verdict = _fit_verdict(path, bare, optimizer, layout, explain_mismatch, classes)
         verdict = broadcast_from_main(accelerator, verdict)
         if verdict is not None and verdict[0] == "mismatch":
             raise CheckpointMismatch(verdict[1])
@@ -362,10 +364,20 @@ def _fit_verdict(
     optimizer: torch.optim.Optimizer,
     layout: dict[str, int],
     explain_mismatch: Callable[[Path], str],
+    classes: list[str] | None = None,
 ) -> tuple[str, str] | None:
     """("mismatch", message) for a checkpoint made with another config or format, ("corrupt", error) for
-    one that cannot be read, None when it fits."""
+    one that cannot be read, None when it fits. Shards with the same number of classes under other names
+    fit the weights, so the run folder's class names (modaseg.json) are compared too."""
     run = path.parent.parent
+    saved_classes = _run_classes(run)
+    if classes is not None and saved_classes is not None and saved_classes != classes:
+        return (
+            "mismatch",
+            f"cannot resume {run}: it was trained on the classes {saved_classes}, this run's shards have "
+            f"{classes}. Nothing was changed on disk: resume with the run's own data.shards, or start a new "
+            "run (another train.output_dir)",
+        )
     if not (path / "rng_state_0.pt").is_file() and (path / "random_states_0.pkl").is_file():
         return (
             "mismatch",
@@ -401,3 +413,12 @@ def _fit_verdict(
             "train.steps_per_epoch, or start a new run (another train.output_dir)",
         )
     return None
+
+
+def _run_classes(run: Path) -> list[str] | None:
+    """The class names a run folder was trained on (its modaseg.json), None when unknown."""
+    try:
+        names = json.loads((run / EXPORT_META).read_text())["classes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return names if isinstance(names, list) else None

@@ -72,7 +72,7 @@ def resume_or_start(run: Run) -> TrainerState:
         "grad_accum": cfg.optim.grad_accum,
     }
     explain = explain_config_differences(cfg, run.names)
-    state = resume(acc, run.run_dir, cfg.train.resume, run.model, run.optimizer, layout, explain)
+    state = resume(acc, run.run_dir, cfg.train.resume, run.model, run.optimizer, layout, explain, run.names)
     state = state or TrainerState(seed=cfg.train.seed, **layout)
     run.open_run_folder(state)
     nan_batches = InjectNaN.batches_from_env()  # fault injection, wired once

@@ -159,3 +159,22 @@ def test_checkpoint_of_another_optimizer_is_refused_and_nothing_changes(accelera
         resume(accelerator, tmp_path, "auto", other, trained(other, now), LAYOUT, lambda run: "")
     assert tree(tmp_path) == before
     assert resume(accelerator, tmp_path, "auto", other, trained(other, saved), LAYOUT, lambda run: "")
+
+
+def test_shards_with_other_class_names_are_refused_and_nothing_changes(accelerator, tmp_path):
+    """Same number of classes under other names: the weights fit, the labels would not. The run folder's
+    modaseg.json says what the run was trained on."""
+    import json
+
+    model = small_model()
+    optimizer = trained(model)
+    save(accelerator, tmp_path, model, optimizer)
+    (tmp_path / "modaseg.json").write_text(json.dumps({"classes": ["background", "bag"]}))
+    before = tree(tmp_path)
+    with pytest.raises(CheckpointMismatch, match=r"trained on the classes \['background', 'bag'\]"):
+        resume(accelerator, tmp_path, "auto", model, optimizer, LAYOUT, lambda run: "", ["background", "hat"])
+    assert tree(tmp_path) == before
+    state = resume(
+        accelerator, tmp_path, "auto", model, optimizer, LAYOUT, lambda run: "", ["background", "bag"]
+    )
+    assert state is not None and state.updates == 3
