@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{s['processes']} process(es), batch {cfg['data']['batch_size']} x {s['processes']}, crops "
         f"{cfg['data']['crop_height']}x{cfg['data']['crop_width']}, {s['updates']} updates "
         f"({s['updates'] * cfg['data']['batch_size'] * s['processes']} training images seen), AdamW lr "
-        f"{cfg['optim']['lr']} poly, {cfg['optim']['mixed_precision']}, seed {cfg['train']['seed']}, no "
+        f"{cfg['optim']['lr']} poly, {s['precision']['mode']} ({s['precision']['reason']}), seed {cfg['train']['seed']}, no "
         f"rare-class oversampling; test = the best validation checkpoint "
         f"(validation every {cfg['train']['val_every']} epochs)",
         "- only the `loss` section differs: CE = `ce: 1`, focal/dice/lovasz 0 (unweighted, as the original); "

@@ -4,7 +4,8 @@
 
 Times forward+backward of each loss component and of the composite on [B, 14, H, W] float32 logits, the
 vectorised Lovasz-softmax against a per-class loop of the same algorithm (Berman's reference, as in SMP),
-SMP's LovaszLoss / FocalLoss / DiceLoss, and a bf16-autocast SMP U-Net-resnet34 step (zero_grad + forward
+SMP's LovaszLoss / FocalLoss / DiceLoss, and an SMP U-Net-resnet34 step under the trainer's precision rule
+(auto: bf16 autocast only where the CPU computes bf16 natively, else fp32; the table says which) (zero_grad + forward
 + CE + backward + AdamW) with and without the composite loss and a confusion-matrix update. Prints the
 median and the minimum of `--repeats` rounds after one warm-up; the cases run round-robin, so load from other
 processes falls on all of them alike (CPU timings on a shared machine are still noisy).
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from modaseg.config import LossConfig
+from modaseg.hardware import resolve_precision
 from modaseg.losses import (
     CompositeLoss,
     class_weights,
@@ -157,6 +159,8 @@ def main() -> None:
         (name, times[name], f"{values[name]:.6f}") for name in cases
     ]
 
+    precision = resolve_precision("auto", torch.device("cpu"))
+    step_name = f"U-Net r34 {precision.label} step"
     if not args.skip_model:
         model = smp.Unet("resnet34", encoder_weights=None, classes=c)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -165,7 +169,7 @@ def main() -> None:
         def step(with_composite: bool) -> Callable[[], None]:
             def run() -> None:
                 opt.zero_grad(set_to_none=True)
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.mode == "bf16"):
                     out = model(images)
                     if with_composite:
                         loss, _ = composite(out, target)
@@ -180,19 +184,20 @@ def main() -> None:
             return run
 
         steps = {
-            "U-Net r34 bf16 step, CE (bare)": step(False),
-            "U-Net r34 bf16 step, composite + update": step(True),
+            f"{step_name}, CE (bare)": step(False),
+            f"{step_name}, composite + update": step(True),
         }
         rows += [(name, t, "") for name, t in timed_round_robin(steps, args.repeats).items()]
 
     wall = {name: statistics.median(t[0] for t in ts) for name, ts, _ in rows}
     wall_min = {name: min(t[0] for t in ts) for name, ts, _ in rows}
     cpu = {name: statistics.median(t[1] for t in ts) for name, ts, _ in rows}
-    bare_name = "U-Net r34 bf16 step, CE (bare)"
+    bare_name = f"{step_name}, CE (bare)"
     bare = cpu.get(bare_name)
     title = (
         f"losses at {b}x{c}x{h}x{w} (fwd+bwd; {present} classes present), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, median of {args.repeats} round-robin rounds after 1 warm-up"
+        f"{torch.get_num_threads()} threads, median of {args.repeats} round-robin rounds after 1 warm-up; "
+        f"model step in {precision.label} ({precision.reason})"
     )
     header = ("case", "wall median s", "wall min s", "CPU median s", "CPU x bare step", "loss value")
     table_rows = [
@@ -221,7 +226,7 @@ def main() -> None:
         f"{cpu[loop] / cpu[vec]:.2f}x (CPU median); values differ by {diff:.1e} relative (goal >= 2x, same value)",
     ]
     if bare:
-        added, full = "composite + ConfusionMatrix.update", "U-Net r34 bf16 step, composite + update"
+        added, full = "composite + ConfusionMatrix.update", f"{step_name}, composite + update"
         summary.append(
             f"CPU time: (composite + ConfusionMatrix.update) / bare step = {cpu[added]:.3f} / {bare:.3f} = "
             f"{cpu[added] / bare:.2f} added; full step with them / bare step = {cpu[full] / bare:.2f}x (goal <= 1.5x). "

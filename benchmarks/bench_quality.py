@@ -139,6 +139,49 @@ def report(runs: list[tuple[str, int, Path]]) -> str:
     return "\n".join(lines + curves)
 
 
+def pictures(run_dir: Path, shards: Path, out: Path, count: int = 3) -> Path:
+    """photo | truth | prediction (overlays) for the first `count` val photos, predicted by modaseg's own
+    inference path from the run's best export, scaled to 300 px high: benchmarks/quality/NAME.jpg."""
+    import io
+    import tarfile
+
+    import cv2
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from modaseg.images import decode_image, encode_image
+    from modaseg.manifest import open_shards
+    from modaseg.model import infer_logits, load_for_inference
+    from modaseg.visualize import overlay, side_by_side
+
+    model, names, normalization, long_side = load_for_inference(run_dir / "best")
+    manifest = open_shards(str(shards))
+    rows = []
+    with tarfile.open(manifest.splits["val"].shards[0].name) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        keys = sorted({name.rsplit(".", 1)[0] for name in members})[:count]
+        for key in keys:
+            photo = decode_image(tar.extractfile(members[f"{key}.jpg"]).read())
+            truth = np.asarray(Image.open(io.BytesIO(tar.extractfile(members[f"{key}.png"]).read())))
+            x = torch.from_numpy(photo).permute(2, 0, 1)
+            pred = infer_logits(model, [x], normalization, long_side)[0].argmax(0).numpy().astype(np.uint8)
+            shown = truth.copy()
+            shown[shown == 255] = 0  # ignored pixels drawn as background
+            panel = side_by_side(photo, overlay(photo, shown, len(names)), overlay(photo, pred, len(names)))
+            scale = 300 / panel.shape[0]
+            rows.append(cv2.resize(panel, (round(panel.shape[1] * scale), 300), interpolation=cv2.INTER_AREA))
+    width = max(r.shape[1] for r in rows)
+    grid = np.full((sum(r.shape[0] for r in rows) + 4 * (len(rows) - 1), width, 3), 255, np.uint8)
+    y = 0
+    for r in rows:
+        grid[y : y + r.shape[0], : r.shape[1]] = r
+        y += r.shape[0] + 4
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(encode_image(grid, ".jpg", quality=85))
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", default=["pretrained", "random"], choices=sorted(VARIANTS))
@@ -150,12 +193,19 @@ def main() -> int:
     p.add_argument("--override", nargs="*", default=[], help="extra config overrides for every run")
     p.add_argument("--rerun", action="store_true", help="train again even if a finished run is there")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--pictures", help="a finished run name (e.g. pretrained-seed0): write its val overlays")
     args = p.parse_args()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"avx512_bf16: {'avx512_bf16' in Path('/proc/cpuinfo').read_text()}", flush=True)  # fmt: skip
     if not args.report_only:
         ensure_shards(args.shards, env)
+    if args.pictures:
+        path = pictures(
+            args.out / args.pictures, args.shards, ROOT / "benchmarks" / "quality" / f"{args.pictures}.jpg"
+        )
+        print(f"pictures: {path}")
+        return 0
     runs = []
     for seed in args.seeds:
         for name in args.runs:
