@@ -27,7 +27,7 @@ from modaseg.config import DataConfig
 from modaseg.console import UserError, run_cli
 from modaseg.data import eval_loader
 from modaseg.files import write_atomic
-from modaseg.hardware import PRECISIONS, resolve_precision
+from modaseg.hardware import PRECISIONS, choose_device, resolve_precision
 from modaseg.manifest import Manifest, check_shards, open_shards
 from modaseg.metrics import ConfusionMatrix, Report, compute_report, load_report, render_table, save_report
 from modaseg.model import IMAGENET, Normalization, infer_logits, load_for_inference
@@ -179,6 +179,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=PRECISIONS,
         help="auto: bf16 where the device computes it natively, else fp16 on older GPUs, fp32 on CPU",
     )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto: a GPU when one is usable; cuda: a GPU or an error",
+    )
     p.add_argument("--compare", help="another run's metrics.json: print per-class differences")
     return p.parse_args(argv)
 
@@ -216,17 +222,16 @@ def run(argv: list[str] | None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     other = check_args(args)
+    device = choose_device(args.device)  # a GPU asked for and not usable is an error, not a CPU run
     try:
-        precision = resolve_precision(
-            args.mixed_precision, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        precision = resolve_precision(args.mixed_precision, torch.device(device.type))
     except ValueError as e:
         raise UserError(f"--mixed-precision {args.mixed_precision}: {e}") from e
     manifest = open_shards(args.shards)
     check_shards(manifest, "", args.split)
     if other is not None and list(other.class_names) != list(manifest.classes):
         raise UserError(f"--compare {args.compare}: its classes differ from the shards' {manifest.classes}")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision.mode)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision.mode)
     log.info("mixed precision %s (%s)", precision.label, precision.reason)
     model, names, normalization, long_side = load_for_inference(args.checkpoint, accelerator.device)
     if list(names) != list(manifest.classes):

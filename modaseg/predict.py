@@ -21,7 +21,7 @@ import torch
 
 from modaseg.console import UserError, progress_bar, run_cli
 from modaseg.files import write_atomic
-from modaseg.hardware import PRECISIONS, resolve_precision
+from modaseg.hardware import PRECISIONS, choose_device, resolve_precision
 from modaseg.images import (
     DEFAULT_MAX_PIXELS,
     MAX_PIXELS_CEILING,
@@ -153,6 +153,8 @@ def save_outputs(outputs: Outputs, image: np.ndarray, labels: np.ndarray, names:
 
 def inference_device(name: str, precision: str) -> tuple[torch.device, torch.dtype | None]:
     """The device named by --device and the autocast dtype --mixed-precision resolves to there."""
+    if name in ("auto", "cpu", "cuda"):
+        name = choose_device(name).type  # the one device decision: a GPU asked for and not usable is an error
     try:
         device = torch.device(name)
     except RuntimeError as e:
@@ -184,7 +186,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="larger images (width x height, read from the header) are reported and skipped; also the most "
         "padded pixels in one batch",
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (a GPU when one is usable), cpu, cuda (a GPU or an error), cuda:N",
+    )
     p.add_argument(
         "--mixed-precision",
         default="auto",
