@@ -93,6 +93,12 @@ def train_and_evaluate(name: str, seed: int, args, env: dict) -> Path:
     return out
 
 
+def wall_minutes(bench: dict) -> str:
+    """A run resumed after an interruption has no single wall time: n/a."""
+    seconds = bench.get("train_wall_seconds")
+    return "n/a" if seconds is None else f"{seconds / 60:.1f}"
+
+
 def report(runs: list[tuple[str, int, Path]]) -> str:
     """Markdown: per-class val IoU, summary rows, learning curves."""
     data = {}
@@ -126,7 +132,7 @@ def report(runs: list[tuple[str, int, Path]]) -> str:
             "test mIoU (best)", lambda m, s, b: f"{s['test']['macro']['iou']:.3f}" if s.get("test") else "n/a"
         ),
         row("training images/s", lambda m, s, b: f"{s['train_images_per_s']:.2f}"),
-        row("wall minutes (train + tests)", lambda m, s, b: f"{b['train_wall_seconds'] / 60:.1f}"),
+        row("wall minutes (train + tests)", lambda m, s, b: wall_minutes(b)),
     ]
     epochs = sorted({h["epoch"] for _, s, _ in data.values() for h in s["history"]})
     curves = ["", "Learning curves (val mIoU after epoch N):", ""]

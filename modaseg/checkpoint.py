@@ -370,14 +370,6 @@ def _fit_verdict(
     one that cannot be read, None when it fits. Shards with the same number of classes under other names
     fit the weights, so the run folder's class names (modaseg.json) are compared too."""
     run = path.parent.parent
-    saved_classes = _run_classes(run)
-    if classes is not None and saved_classes is not None and saved_classes != classes:
-        return (
-            "mismatch",
-            f"cannot resume {run}: it was trained on the classes {saved_classes}, this run's shards have "
-            f"{classes}. Nothing was changed on disk: resume with the run's own data.shards, or start a new "
-            "run (another train.output_dir)",
-        )
     if not (path / "rng_state_0.pt").is_file() and (path / "random_states_0.pkl").is_file():
         return (
             "mismatch",
@@ -397,6 +389,14 @@ def _fit_verdict(
             f"cannot resume {run}: checkpoint {path.name} does not fit this model ({mismatch}); "
             f"{explain_mismatch(run)}. Nothing was changed on disk: resume with the run's own config "
             f"({run / 'config.yaml'}), or start a new run (another train.output_dir)",
+        )
+    saved_classes = _run_classes(run)
+    if classes is not None and saved_classes is not None and saved_classes != classes:
+        return (
+            "mismatch",
+            f"cannot resume {run}: it was trained on the classes {saved_classes}, this run's shards have "
+            f"{classes}. Nothing was changed on disk: resume with the run's own data.shards, or start a new "
+            "run (another train.output_dir)",
         )
     if optimizer_differs:
         return (
