@@ -108,6 +108,7 @@ def test_scaler_is_restored_and_ignored_by_a_run_without_one(accelerator, tmp_pa
     assert_same_weights(other, model)
 
 
+@pytest.mark.slow
 def test_compiled_checkpoint_resumes_a_plain_model_and_a_plain_one_a_compiled_model(accelerator, tmp_path):
     """Weights saved under torch.compile's `_orig_mod.` names (as a compiled module's state_dict has them)
     resume a model that is not compiled, and plain weights resume a compiled one; `train.resume=auto`

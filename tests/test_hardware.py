@@ -120,6 +120,7 @@ def test_local_processes_as_the_launcher_says(monkeypatch):
     assert local_processes() == 2
 
 
+@pytest.mark.slow
 def test_available_cores_follow_the_cpu_affinity_and_the_local_ranks():
     """In a real subprocess pinned to one core: available_cores() sees 1, and plan_workers shares the
     cores between the local ranks that LOCAL_WORLD_SIZE announces."""

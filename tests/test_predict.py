@@ -67,6 +67,7 @@ def run(exported, inputs, out, *extra: str) -> int:
     return main(["--checkpoint", str(exported), *map(str, inputs), "--out", str(out), *extra])
 
 
+@pytest.mark.slow
 def test_outputs_are_the_models_own_prediction_at_any_size(exported, model, tmp_path, caplog):
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -97,6 +98,7 @@ def test_outputs_are_the_models_own_prediction_at_any_size(exported, model, tmp_
     assert "6 of 7 images predicted" in caplog.text
 
 
+@pytest.mark.slow
 def test_tta_flip_averages_the_mirrored_prediction(exported, model, tmp_path):
     image = photo(64, 96, 3)  # not symmetric: the mirrored prediction changes some labels
     Image.fromarray(image).save(tmp_path / "p.png")
@@ -108,6 +110,7 @@ def test_tta_flip_averages_the_mirrored_prediction(exported, model, tmp_path):
     assert (tta != plain).any()
 
 
+@pytest.mark.slow
 def test_16_bit_pngs_predict_like_their_8_bit_versions(exported, model, tmp_path):
     image = photo(48, 40, 4)
     inputs = tmp_path / "in"
@@ -123,6 +126,7 @@ def test_16_bit_pngs_predict_like_their_8_bit_versions(exported, model, tmp_path
         assert np.array_equal(read(tmp_path / "out" / f"{name}16.png"), expected)
 
 
+@pytest.mark.slow
 def test_images_over_the_pixel_limit_are_reported_and_skipped(exported, model, tmp_path, caplog):
     """A photo whose header claims 20000x20000 (400 MP; PIL's decompression-bomb error used to abort the
     run) is skipped under the default limit; a lower --max-pixels skips the 100x100 one too."""
@@ -154,6 +158,7 @@ def test_batches_hold_one_padded_size_within_the_pixel_budget():
     assert plan_batches({0: (10, 10)}, 4, 1) == [[0]]  # an image is never left out by the budget
 
 
+@pytest.mark.slow
 def test_bf16_autocast_agrees_with_fp32(exported, model, tmp_path, caplog):
     image = photo(32, 64, 8)
     Image.fromarray(image).save(tmp_path / "p.png")

@@ -649,6 +649,7 @@ def test_resume_redoes_only_incomplete_shards(tmp_path):
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_identical_shards(tmp_path, workers):
     coco, images_dir = small_dataset(tmp_path, n=3)
     data = jpeg_bytes(5)
