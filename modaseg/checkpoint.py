@@ -5,6 +5,7 @@ A checkpoint is `RUN/checkpoints/step-NNNNNNNN/`:
     model.safetensors     the bare model's weights (plain SMP keys: no DDP or torch.compile prefixes)
     optimizer.bin         the optimizer state (torch.save of tensors and numbers: read with weights_only)
     scaler.pt             the fp16 loss scaler, when the run has one
+    ema.safetensors       the weight average (train.ema_decay), when the run keeps one
     rng_state_R.pt        each rank's torch / numpy / Python RNG states (weights_only too)
     trainer_state.json    epoch, batch within the epoch, optimizer updates, data-stream seed, history
 It is written under `.tmp-*` and renamed when complete, so a kill at any moment leaves either the
@@ -33,6 +34,7 @@ from accelerate import Accelerator
 
 from modaseg.console import UserError
 from modaseg.distributed import bare_model, broadcast_from_main
+from modaseg.ema import WeightAverage
 from modaseg.files import fsync_dir, json_safe, write_json_atomic
 from modaseg.model import EXPORT_META
 
@@ -42,6 +44,7 @@ STATE_NAME = "trainer_state.json"
 MODEL_NAME = "model.safetensors"
 OPTIMIZER_NAME = "optimizer.bin"
 SCALER_NAME = "scaler.pt"
+AVERAGE_NAME = "ema.safetensors"
 PREFIX = "step-"
 COMPILE_PREFIX = "_orig_mod."  # torch.compile's wrapper; never in what we save, stripped when found
 # What a fresh start would overwrite or prune: their presence means an earlier run lives here.
@@ -71,6 +74,8 @@ class TrainerState:
     skipped_samples: int = 0  # corrupt samples skipped by the training stream so far
     history: list[dict] = field(default_factory=list)  # validation results per epoch
     pending_validation: bool = False  # saved at an epoch end, its validation not done yet
+    planned_epochs: int = 0  # train.max_minutes: the epochs that fit the time; 0 = train.epochs decides
+    epochs_measured: bool = False  # planned_epochs comes from the measured first epoch, not the estimate
     # The layout the batch positions refer to: resuming with another one would shift the data stream.
     num_batches: int = 0  # batches per epoch per process
     world_size: int = 0
@@ -140,6 +145,7 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     keep_last: int,
+    average: WeightAverage | None = None,
 ) -> Path:
     """Collective: every rank calls it at the same update. Rank 0 writes the model, optimizer, scaler
     and state (identical on every rank under DDP); each rank writes its own RNG state."""
@@ -162,6 +168,8 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / SCALER_NAME)
+        if average is not None:
+            save_file(average.state_dict(), str(tmp / AVERAGE_NAME))
         write_state(tmp, state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -243,7 +251,11 @@ def model_mismatch(path: Path, model: torch.nn.Module) -> str | None:
 
 
 def load_checkpoint(
-    path: Path, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: Path,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    average: WeightAverage | None = None,
 ) -> TrainerState:
     """Load one checkpoint into this rank (model, optimizer, scaler, RNG); raises on any failure."""
     from safetensors.torch import load_file
@@ -258,6 +270,14 @@ def load_checkpoint(
             accelerator.scaler.load_state_dict(torch.load(scaler_file, map_location="cpu", weights_only=True))
         else:
             log.info("%s was saved without a loss scaler (not fp16): starting a fresh one", path)
+    if average is not None:
+        if (path / AVERAGE_NAME).is_file():
+            average.load_state_dict(load_file(str(path / AVERAGE_NAME)))
+        else:
+            log.info(
+                "%s holds no weight average (train.ema_decay was 0): starting one from its weights", path
+            )
+            average.tensors = WeightAverage(bare_model(accelerator, model), average.decay).tensors
     rng_file = path / f"rng_state_{accelerator.process_index}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
@@ -275,6 +295,7 @@ def resume(
     layout: dict[str, int],
     explain_mismatch: Callable[[Path], str],
     classes: list[str] | None = None,
+    average: WeightAverage | None = None,
 ) -> TrainerState | None:
     """Load the checkpoint that `how` names ("auto" = newest complete one, falling back to older ones
     when one is corrupt; "none"; or a path). Returns its state, or None for a fresh start (after checking
@@ -307,7 +328,7 @@ def resume(
         error = verdict[1] if verdict is not None else ""
         if not error:
             try:
-                state = load_checkpoint(path, accelerator, model, optimizer)
+                state = load_checkpoint(path, accelerator, model, optimizer, average)
             except Exception as e:  # corrupt safetensors/optimizer files raise many different types
                 error = f"{type(e).__name__}: {e}"
         agreed = accelerator.reduce(torch.tensor(float(not error), device=accelerator.device), "sum").item()

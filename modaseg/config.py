@@ -116,7 +116,11 @@ class OptimConfig:
 class TrainConfig:
     output_dir: str = "runs/demo"
     seed: int = 0
-    epochs: int = 2
+    epochs: int = 2  # with max_minutes: the most epochs the time may give
+    # Minutes of training (validations included, start-up and the final test not): the epochs are set after
+    # the first one from its measured time, so that the learning-rate schedule ends with the time. 0 = off.
+    max_minutes: float = 0.0
+    ema_decay: float = 0.0  # exponential moving average of the weights, used to validate and export; 0 = off
     steps_per_epoch: int = 0  # batches per process per epoch; 0 = derived from the split size
     val_every: int = 1  # epochs
     checkpoint_every: int = 0  # optimizer updates; 0 = only at epoch ends
@@ -290,6 +294,8 @@ def validate(cfg: Config) -> None:
         ("train.output_dir", cfg.train.output_dir, bool, "must name a run folder"),
         ("train.seed", cfg.train.seed, lambda v: 0 <= v < 2**32, "must be in 0..2**32-1"),
         ("train.epochs", cfg.train.epochs, lambda v: v >= 1, "must be >= 1"),
+        ("train.max_minutes", cfg.train.max_minutes, lambda v: 0 <= v < 1e6, "must be >= 0 (0 = off)"),
+        ("train.ema_decay", cfg.train.ema_decay, lambda v: 0 <= v < 1, "must be in [0, 1) (0 = off)"),
         (
             "train.steps_per_epoch",
             cfg.train.steps_per_epoch,

@@ -4,6 +4,7 @@ drives: open its folder, count and report updates, validate, export, summarise."
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -25,6 +26,7 @@ from modaseg.config import Config, ConfigError, dump_config, save_config, to_dic
 from modaseg.console import UserError, progress_bar, setup_logging
 from modaseg.data import CorruptDataError, TrainLoader, class_exposure
 from modaseg.distributed import StopRequest, bare_model, sync_buffers
+from modaseg.ema import WeightAverage
 from modaseg.evaluate import EvalResult, evaluate_split, write_report_files
 from modaseg.files import json_safe, write_json_atomic
 from modaseg.hardware import (
@@ -75,6 +77,7 @@ class Run:
     writer: Any = None  # TensorBoard SummaryWriter on the main process
     progress: Any = None
     progress_task: Any = None
+    average: WeightAverage | None = None  # train.ema_decay: what validation and exports use
     bad_in_a_row: int = 0  # consecutive skipped updates (non-finite), for train.max_bad_steps
     started: float = field(default_factory=time.perf_counter)
 
@@ -92,7 +95,7 @@ class Run:
         """The data settings with the planned worker count in place of `auto`."""
         return dataclasses.replace(self.cfg.data, workers=self.plan.workers)
 
-    def open_run_folder(self, state: TrainerState) -> None:
+    def open_run_folder(self, state: TrainerState, epochs: int) -> None:
         """The first write to the run folder, after the resume decision: its log, config, class names,
         plan, TensorBoard; then the training loader and the progress bar."""
         if self.accelerator.is_main_process:
@@ -105,7 +108,7 @@ class Run:
             self.writer = open_writer(self.run_dir, state.updates, dump_config(self.cfg), weights)
             log.info("%s", self.plan.text())  # on the terminal, in train.log and in SLURM's output file
             self.progress = progress_bar(True)
-            total = self.plan.num_batches * self.cfg.train.epochs
+            total = self.plan.num_batches * epochs
             done = state.epoch * self.plan.num_batches + state.batch
             self.progress_task = self.progress.add_task("training", total=total, completed=done)
             self.progress.start()
@@ -121,6 +124,11 @@ class Run:
             mask_dtype=torch.uint8,
             long_side=self.cfg.model.input_long_side,
         )
+
+    def set_total_epochs(self, epochs: int) -> None:
+        """The run's length once train.max_minutes has decided it: the progress bar follows."""
+        if self.progress is not None:
+            self.progress.update(self.progress_task, total=self.plan.num_batches * epochs)
 
     def record_update(
         self, state: TrainerState, update: UpdateResult, sync: StepSync, meter: LogMeter, where: str
@@ -169,30 +177,40 @@ class Run:
                 where,
             )
 
-    def validate(self, split: str) -> EvalResult:
-        """Every rank scores its block of `split` with rank 0's BatchNorm statistics (the saved model); a
-        stop request aborts it on every rank (Preempted). cuDNN autotuning is off: eval sizes vary."""
+    def weights_to_use(self):
+        """The weight average swapped in when the run keeps one (rank 0's BatchNorm statistics on every
+        rank), else the training weights as they are."""
+        if self.average is None:
+            return contextlib.nullcontext()
+        return self.average.swapped_in(bare_model(self.accelerator, self.model), self.accelerator)
+
+    def validate(self, split: str, use_average: bool = True) -> EvalResult:
+        """Every rank scores its block of `split` with rank 0's BatchNorm statistics (the saved model),
+        with the weight average when the run keeps one and `use_average`; a stop request aborts it on
+        every rank (Preempted). cuDNN autotuning is off: eval sizes vary."""
         acc = self.accelerator
         sync_buffers(acc, self.model)
         benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = False
+        weights = self.weights_to_use() if use_average else contextlib.nullcontext()
         try:
-            result = evaluate_split(
-                bare_model(acc, self.model),
-                self.data_config,
-                self.manifest,
-                split,
-                device=acc.device,
-                rank=acc.process_index,
-                world_size=acc.num_processes,
-                autocast=acc.autocast,
-                tta_flip=self.cfg.eval.tta_flip,
-                channels_last=self.cfg.model.channels_last,
-                keep_samples=self.cfg.train.overlay_samples if acc.is_main_process else 0,
-                normalization=self.normalization,
-                should_stop=lambda: self.stop.requested,
-                long_side=self.cfg.model.input_long_side,
-            )
+            with weights:
+                result = evaluate_split(
+                    bare_model(acc, self.model),
+                    self.data_config,
+                    self.manifest,
+                    split,
+                    device=acc.device,
+                    rank=acc.process_index,
+                    world_size=acc.num_processes,
+                    autocast=acc.autocast,
+                    tta_flip=self.cfg.eval.tta_flip,
+                    channels_last=self.cfg.model.channels_last,
+                    keep_samples=self.cfg.train.overlay_samples if acc.is_main_process else 0,
+                    normalization=self.normalization,
+                    should_stop=lambda: self.stop.requested,
+                    long_side=self.cfg.model.input_long_side,
+                )
         finally:
             torch.backends.cudnn.benchmark = benchmark
         if result is None:
@@ -200,17 +218,17 @@ class Run:
         return result
 
     def export(self, name: str, metrics: dict | None = None) -> None:
-        """RUN/name as a standalone export of the current weights (main process)."""
-        if self.accelerator.is_main_process:
-            bare = bare_model(self.accelerator, self.model)
-            export_model(
-                bare,
-                self.run_dir / name,
-                self.names,
-                self.normalization,
-                metrics,
-                self.cfg.model.input_long_side,
-            )
+        """RUN/name as a standalone export of the current weights, or of their average (main process)."""
+        with self.weights_to_use():  # collective: every rank swaps, rank 0 writes
+            if self.accelerator.is_main_process:
+                export_model(
+                    bare_model(self.accelerator, self.model),
+                    self.run_dir / name,
+                    self.names,
+                    self.normalization,
+                    metrics,
+                    self.cfg.model.input_long_side,
+                )
 
     def write_summary(
         self, state: TrainerState, meter: LogMeter, result: EvalResult | None, which: str
@@ -317,6 +335,9 @@ def build_run(cfg: Config) -> Run:
         model = torch.compile(model)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)  # never the loader: see data.py
+    average = None
+    if cfg.train.ema_decay:
+        average = WeightAverage(bare_model(accelerator, model), cfg.train.ema_decay)
 
     exposure = class_exposure(train_info.class_images, train_info.num_samples, cfg.data.repeat_threshold)
     log_class_table(manifest.classes, train_info.class_pixels, weights.tolist(), exposure)
@@ -334,6 +355,7 @@ def build_run(cfg: Config) -> Run:
         class_weights=weights.tolist(),
         stop=stop,
         log_file=log_file,
+        average=average,
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch modaseg/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from modaseg.budget import epochs_for_budget
 from modaseg.checkpoint import PREFIX, TrainerState, checkpoint_root, resume, save_checkpoint, write_state
 from modaseg.config import Config, dump_config, load_config
 from modaseg.console import run_cli
@@ -51,8 +53,11 @@ def train(cfg: Config) -> int:
     try:
         state = resume_or_start(run)
         meter = LogMeter()
-        for epoch in range(state.epoch, cfg.train.epochs):
+        while state.epoch < total_epochs(cfg, state):
+            epoch, first_batch, started = state.epoch, state.batch, time.perf_counter()
             train_one_epoch(run, state, epoch, meter)
+            if cfg.train.max_minutes and not state.epochs_measured:
+                fit_epochs_to_budget(run, state, time.perf_counter() - started, first_batch)
             save_and_validate(run, state, epoch)
         return finish(run, state, meter)
     except Preempted:
@@ -60,6 +65,60 @@ def train(cfg: Config) -> int:
         return EXIT_REQUEUE
     finally:
         run.close()
+
+
+def total_epochs(cfg: Config, state: TrainerState) -> int:
+    """train.epochs, or what train.max_minutes decided after the first epoch (kept in the checkpoints)."""
+    return state.planned_epochs or cfg.train.epochs
+
+
+def fit_epochs_to_budget(run: Run, state: TrainerState, seconds: float | None, first_batch: int = 0) -> None:
+    """train.max_minutes: the epochs that fit the time. At the start from the plan's timed step (or
+    train.epochs when there is none), after the first epoch from its measured time, for good; a validation
+    is estimated at half a training step per image (twice that with flip TTA). Rank 0 decides for every
+    rank. The learning-rate schedule is sized to the result from then on."""
+    cfg, plan = run.cfg, run.plan
+    trained_per_epoch = plan.num_batches * cfg.data.batch_size * plan.processes
+    if seconds is None:
+        rate = plan.expected_images_per_s
+        epoch_s, how = (trained_per_epoch / rate, "estimated from the plan's timed step") if rate else (0, "")
+    else:  # a resumed first epoch is scaled up to a whole one
+        epoch_s = seconds * plan.num_batches / max(1, plan.num_batches - first_batch)
+        how = "measured"
+    num_val = run.manifest.splits["val"].num_samples
+    validation_s = 0.5 * epoch_s / trained_per_epoch * num_val * (2 if cfg.eval.tta_flip else 1)
+    done = state.epoch + (seconds is not None)
+    epochs = cfg.train.epochs
+    if epoch_s > 0:
+        epochs = epochs_for_budget(
+            cfg.train.max_minutes * 60,
+            spent_s=epoch_s * done,
+            epoch_s=epoch_s,
+            validation_s=validation_s,
+            val_every=cfg.train.val_every,
+            done_epochs=done,
+            done_validations=0,
+            most=cfg.train.epochs,
+        )
+    state.planned_epochs = broadcast_from_main(run.accelerator, epochs)
+    state.epochs_measured = seconds is not None
+    run.set_total_epochs(state.planned_epochs)
+    log.info(
+        "train.max_minutes=%g: an epoch takes %.0f s (%s), a validation about %.0f s: %d epochs (%d updates), "
+        "at most train.epochs=%d",
+        cfg.train.max_minutes,
+        epoch_s,
+        how or "not measured",
+        validation_s,
+        state.planned_epochs,
+        total_updates(run, state),
+        cfg.train.epochs,
+    )
+
+
+def total_updates(run: Run, state: TrainerState) -> int:
+    """Updates of the whole run: the length of the learning-rate schedule."""
+    return math.ceil(run.plan.num_batches / run.plan.grad_accum) * total_epochs(run.cfg, state)
 
 
 def resume_or_start(run: Run) -> TrainerState:
@@ -72,16 +131,22 @@ def resume_or_start(run: Run) -> TrainerState:
         "grad_accum": cfg.optim.grad_accum,
     }
     explain = explain_config_differences(cfg, run.names)
-    state = resume(acc, run.run_dir, cfg.train.resume, run.model, run.optimizer, layout, explain, run.names)
+    state = resume(
+        acc, run.run_dir, cfg.train.resume, run.model, run.optimizer, layout, explain, run.names, run.average
+    )
     state = state or TrainerState(seed=cfg.train.seed, **layout)
-    run.open_run_folder(state)
+    if cfg.train.max_minutes and not state.planned_epochs:
+        fit_epochs_to_budget(run, state, None)  # an estimate until the first epoch is measured
+    run.open_run_folder(state, total_epochs(cfg, state))
     nan_batches = InjectNaN.batches_from_env()  # fault injection, wired once
     if nan_batches and acc.is_main_process:
         first = state.epoch * plan.num_batches + state.batch
         run.loss_fn = InjectNaN(run.loss_fn, nan_batches, plan.micro_steps, first)
-    if state.epoch >= cfg.train.epochs:
+    if state.epoch >= total_epochs(cfg, state):
         log.info(
-            "training already finished (epoch %d of %d): final evaluation only", state.epoch, cfg.train.epochs
+            "training already finished (epoch %d of %d): final evaluation only",
+            state.epoch,
+            total_epochs(cfg, state),
         )
     if state.pending_validation:  # preempted during the validation that follows an epoch's checkpoint
         validate_epoch(run, state, checkpoint_root(run.run_dir) / f"{PREFIX}{state.updates:08d}")
@@ -130,10 +195,12 @@ def train_one_epoch(run: Run, state: TrainerState, epoch: int, meter: LogMeter) 
         if not is_update:
             continue
         sync = StepSync.reduce(acc, sums, run.stop.requested, skipped)  # the one collective of an update
-        lr = learning_rate(state.updates, plan.total_updates, cfg.optim)
+        lr = learning_rate(state.updates, total_updates(run, state), cfg.optim)
         fp16 = plan.precision == "fp16"
         update = apply_update(acc, run.model, run.optimizer, sync, lr, cfg.optim.grad_clip, fp16)
         state.updates, state.batch = state.updates + 1, b + 1
+        if run.average is not None and not update.skipped:
+            run.average.update(bare_model(acc, run.model))
         meter.add_update(sync, images)
         run.record_update(state, update, sync, meter, f"epoch {epoch} batch {b + 1}/{plan.num_batches}")
         sums, skipped, images = LossSums(run.loss_parts, acc.device), 0, 0
@@ -144,15 +211,21 @@ def train_one_epoch(run: Run, state: TrainerState, epoch: int, meter: LogMeter) 
             and state.updates % cfg.train.checkpoint_every == 0
             and b + 1 < plan.num_batches
         ):
-            save_checkpoint(acc, run.run_dir, state, run.model, run.optimizer, cfg.train.keep_last)
+            save(run, state)
     meter.end_epoch()
+
+
+def save(run: Run, state: TrainerState) -> Path:
+    return save_checkpoint(
+        run.accelerator, run.run_dir, state, run.model, run.optimizer, run.cfg.train.keep_last, run.average
+    )
 
 
 def save_and_exit_for_requeue(run: Run, state: TrainerState) -> None:
     log.warning(
         "stop requested (signal %s): saving a checkpoint at update %d", run.stop.signal, state.updates
     )
-    save_checkpoint(run.accelerator, run.run_dir, state, run.model, run.optimizer, run.cfg.train.keep_last)
+    save(run, state)
     raise Preempted
 
 
@@ -161,9 +234,9 @@ def save_and_validate(run: Run, state: TrainerState, epoch: int) -> None:
     run validates this epoch before going on), then the validation when due."""
     cfg, acc = run.cfg, run.accelerator
     state.epoch, state.batch = epoch + 1, 0
-    due = (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs
+    due = (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == total_epochs(cfg, state)
     state.pending_validation = due and run.manifest.splits["val"].num_samples > 0
-    checkpoint = save_checkpoint(acc, run.run_dir, state, run.model, run.optimizer, cfg.train.keep_last)
+    checkpoint = save(run, state)
     if state.pending_validation:
         validate_epoch(run, state, checkpoint)
     if any_rank(run.stop.requested, acc.device):  # a signal after the epoch's last update:
@@ -209,7 +282,10 @@ def finish(run: Run, state: TrainerState, meter: LogMeter) -> int:
 
         bare_model(acc, run.model).load_state_dict(load_file(str(best)))
         tested = f"best checkpoint (epoch {state.best_epoch})"
-    result = run.validate("test") if run.manifest.splits["test"].num_samples else None
+    loaded_best = tested.startswith("best")  # best/ holds the weights to test, averaged or not
+    result = (
+        run.validate("test", use_average=not loaded_best) if run.manifest.splits["test"].num_samples else None
+    )
     if acc.is_main_process:
         run.write_summary(state, meter, result, tested)
     return 0
