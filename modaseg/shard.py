@@ -29,7 +29,8 @@ size outside are first cut to that wider box (`polygons_far_clipped`). Uncompres
 strings are refused, because pycocotools decodes them without bounds checks.
 
 Annotations are rejected (with a reason, in rejects.jsonl) for an unknown image id, an unknown category
-id (e.g. ModaNet v1.0's 0), or no usable polygon. An image whose every annotation was rejected is
+id (e.g. ModaNet v1.0's 0), or no usable polygon. An annotation rejected for its category still marks a
+garment: its region is painted as ignore (255, `unknown_category_painted_ignore`), never as background. An image whose every annotation was rejected is
 rejected too (an all-background label would be wrong); an image with no annotations at all is kept as
 all background (`empty_kept`), or dropped with `--drop-empty`. Two images with one file_name: the later
 ones are rejected (`duplicate_file_name`), as with duplicate ids: both would store the same photo, one
@@ -118,6 +119,9 @@ SEED_LIMIT = 2**127  # the split hash's key is the seed as 16 signed bytes
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PNG_COMPRESS_LEVEL = 1  # with zlib's RLE strategy the level hardly matters: take the fastest
+# rules that changed what a shard holds for the same inputs: part of the plan id, so --resume redoes
+# shards written under older rules
+LABEL_RULES = ("unknown_category_as_ignore",)
 _TAR_RECORD = 10240
 _COUNT_KEYS = (
     "images_in",
@@ -129,6 +133,7 @@ _COUNT_KEYS = (
     "annotations_rejected",
     "annotations_dropped_by_map",
     "annotations_of_rejected_images",
+    "unknown_category_painted_ignore",
     "polygons_in",
     "polygons_rejected",
     "polygons_clipped",
@@ -261,6 +266,9 @@ class ImageTask:
     height: int
     annotations: list[tuple[Any, int, Any]]  # (annotation id, label value, segmentation), file order
     plan_rejected: int = 0  # annotations of this image already rejected while planning
+    # segmentations of annotations rejected for an unknown category: a garment of no known class is
+    # painted as ignore (255), never as background
+    unknown: list[Any] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -394,6 +402,7 @@ def _plan_id(opts: ShardOptions, source_fingerprint: dict) -> str:
         "shard_size": opts.shard_size,
         "max_images": opts.max_images,
         "png_compress_level": PNG_COMPRESS_LEVEL,
+        "label_rules": list(LABEL_RULES),
     }
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
@@ -475,6 +484,7 @@ def make_plan(opts: ShardOptions, coco: dict | None = None, sha256: str | None =
             reject_annotation("unknown_image_id", a, image_id, f"image_id {image_id!r} is not in 'images'")
         elif not is_int(a["category_id"]) or a["category_id"] not in labels:
             tasks[image_id].plan_rejected += 1
+            tasks[image_id].unknown.append(a["segmentation"])
             reject_annotation(
                 "unknown_category", a, image_id, f"category_id {a['category_id']!r} is not in 'categories'"
             )
@@ -830,7 +840,7 @@ def _convert(
     if not instances and (task.plan_rejected or counts["annotations_rejected"]):
         raise Rejected("all_annotations_rejected", "an all-background label would be wrong")
 
-    label = rasterize(instances, height, width)
+    label = rasterize(instances + _unknown_regions(task, height, width, counts), height, width)
     meta = {
         "id": task.image_id,
         "file_name": task.file_name,
@@ -839,6 +849,22 @@ def _convert(
     }
     counts["empty_kept"] += not task.annotations
     return _sample(data, info, label, meta, source.num_classes, counts)
+
+
+def _unknown_regions(task: ImageTask, height: int, width: int, counts: Counter) -> list[tuple[int, dict]]:
+    """(IGNORE_INDEX, RLE) for each annotation rejected for its category whose polygons still cover a
+    pixel: its garment is unlearnable, not background. Its polygons' own faults are not reported again
+    (the annotation already is, as unknown_category); they only decide whether anything is painted."""
+    regions = []
+    for segmentation in task.unknown:
+        scratch: Counter = Counter()
+        try:
+            good = _valid_polygons(segmentation, scratch, [], {})
+            regions.append((IGNORE_INDEX, _instance_rle(good, height, width, scratch, [], {})))
+            counts["unknown_category_painted_ignore"] += 1
+        except Rejected:
+            counts["unknown_category_not_paintable"] += 1
+    return regions
 
 
 # -------------------------------------------------------------------------------------------- writing

@@ -1171,3 +1171,18 @@ def test_huge_seed_is_one_line_not_a_traceback(tmp_path, capsys):
         assert err.startswith("modaseg-shard: error: --seed must be in") and err.count("\n") == 1
     assert not out.exists()
     assert sh.main(coco_args(tmp_path, coco, images_dir, out, f"--seed={2**127 - 1}")) == 0
+
+
+def test_an_unknown_category_is_painted_as_ignore_and_counted(tmp_path):
+    """A garment whose category_id is not in the file must not be taught as background (issue 21.13)."""
+    coco, images_dir = small_dataset(tmp_path)
+    unknown = next(a for a in coco["annotations"] if a["id"] == 100)  # image 101 keeps its other one
+    unknown.update(category_id=99, segmentation=[rect(52, 82, 62, 94)])
+    manifest, out, samples = run(tmp_path, coco, images_dir)
+    assert manifest.rejects == {"annotation/unknown_category": 1}
+    assert manifest.counts["unknown_category_painted_ignore"] == 1
+    assert_invariants(manifest, out)
+    expected = reference_polys([rect(5, 5, 50, 80)], 1)
+    expected[reference_polys([rect(52, 82, 62, 94)], 1).astype(bool)] = 255
+    np.testing.assert_array_equal(samples[101]["mask"], expected)
+    assert samples[101]["meta"]["ignore_pixels"] == int((expected == 255).sum()) > 0
