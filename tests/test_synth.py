@@ -43,7 +43,9 @@ def _mask(segmentation: list, height: int, width: int) -> np.ndarray:
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """The dataset's files: annotations.json and the images (not the folder's synth.MARKER_NAME)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != synth.MARKER_NAME)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
 
 
 def test_format_is_modanet_and_loads_with_coco_api(dataset):
