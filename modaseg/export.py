@@ -47,6 +47,7 @@ from modaseg.model import (
 )
 
 ONNX_NAME = "model.onnx"
+ONNX_FILES = (ONNX_NAME, ONNX_NAME + ".data")  # the graph and, for large weights, its external data
 DEFAULT_OPSET = 18  # the native opset of torch's ONNX exporter: no version conversion, ORT >= 1.14
 MIN_OPSET = 18  # below it torch converts the graph and silently keeps 18 when it cannot (Pad has no adapter)
 # Float32 ONNX Runtime and PyTorch convolve with different algorithms and summation orders; measured on a
@@ -284,6 +285,21 @@ def export_onnx_checked(
     return results, name
 
 
+def _set_aside(files: list[Path]) -> list[tuple[Path, Path]]:
+    """Hard links (copies where links fail) of `files` beside their folder, which export_model replaces
+    as a whole; (link, original) pairs."""
+    pairs = []
+    for path in files:
+        aside = path.parent.with_name(f".keep-{path.parent.name}-{path.name}")
+        aside.unlink(missing_ok=True)
+        try:
+            os.link(path, aside)
+        except OSError:
+            shutil.copy2(path, aside)
+        pairs.append((aside, path))
+    return pairs
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="modaseg-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -337,8 +353,21 @@ def run(argv: list[str] | None) -> int:
     model, names, normalization, long_side = load_for_inference(source, "cpu")
     metrics = read_export_metrics(source)
     model = model.float().to(memory_format=torch.contiguous_format)
-    export_model(model, out, names, normalization, metrics, long_side)
+    onnx_files = [out / n for n in ONNX_FILES if (out / n).is_file()] if out.is_dir() else []
+    same = out.is_dir() and os.path.samefile(out, source)
+    saved = _set_aside(onnx_files) if same and not args.onnx else []
+    try:
+        export_model(model, out, names, normalization, metrics, long_side)
+        for aside, path in saved:  # the same weights: the ONNX graph made from them still holds
+            os.replace(aside, out / path.name)
+    finally:
+        for aside, _ in saved:
+            aside.unlink(missing_ok=True)
     kept = f"; metrics kept: {', '.join(metrics)}" if metrics else ""
+    if saved:
+        kept += f"; {ONNX_NAME} kept (same weights)"
+    elif onnx_files and not args.onnx:
+        kept += f"; the {ONNX_NAME} of the export replaced here is gone (other weights): --onnx writes one"
     print(f"{out}: config.json + model.safetensors + {EXPORT_META} ({len(names)} classes{kept})")
     if not args.onnx:
         return 0

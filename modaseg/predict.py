@@ -21,7 +21,7 @@ import torch
 
 from modaseg.console import UserError, progress_bar, run_cli
 from modaseg.files import write_atomic
-from modaseg.hardware import PRECISIONS, choose_device, resolve_precision
+from modaseg.hardware import PRECISIONS, DeviceError, choose_device, cuda_problem, resolve_precision
 from modaseg.images import (
     DEFAULT_MAX_PIXELS,
     MAX_PIXELS_CEILING,
@@ -153,8 +153,13 @@ def save_outputs(outputs: Outputs, image: np.ndarray, labels: np.ndarray, names:
 
 def inference_device(name: str, precision: str) -> tuple[torch.device, torch.dtype | None]:
     """The device named by --device and the autocast dtype --mixed-precision resolves to there."""
+    if name.split(":")[0] == "cuda" and (problem := cuda_problem()) is not None:
+        raise PredictError(f"--device {name}: {problem.why}; use --device cpu (or a machine with a GPU)")
     if name in ("auto", "cpu", "cuda"):
-        name = choose_device(name).type  # the one device decision: a GPU asked for and not usable is an error
+        try:  # the one device decision: a GPU asked for (here: by SLURM or CUDA_VISIBLE_DEVICES) is needed
+            name = choose_device(name).type
+        except DeviceError as e:  # its advice names the training config, not this command's option
+            raise PredictError(f"--device {name}: {str(e).split(': ')[0]}; use --device cpu") from None
     try:
         device = torch.device(name)
     except RuntimeError as e:
@@ -245,7 +250,13 @@ def predict(args: argparse.Namespace) -> int:
             if images:
                 labels = predict_batch(model, images, device, normalization, args.tta_flip, dtype, long_side)
                 for (i, image), label_map in zip(loaded, labels, strict=True):
-                    save_outputs(outputs[i], image, label_map, names)
+                    try:
+                        save_outputs(outputs[i], image, label_map, names)
+                    except OSError as e:  # a full disk, a folder made read-only meanwhile
+                        raise PredictError(
+                            f"--out {out_dir}: cannot write {e.filename or outputs[i].labels} "
+                            f"({e.strerror or e}); {written} of {len(paths)} images were written before"
+                        ) from None
                     written += 1
             progress.advance(task, len(batch))
     log.info("%d of %d images predicted into %s; %d skipped", written, len(paths), out_dir, len(skipped))

@@ -29,7 +29,8 @@ size outside are first cut to that wider box (`polygons_far_clipped`). Uncompres
 strings are refused, because pycocotools decodes them without bounds checks.
 
 Annotations are rejected (with a reason, in rejects.jsonl) for an unknown image id, an unknown category
-id (e.g. ModaNet v1.0's 0), or no usable polygon. An image whose every annotation was rejected is
+id (e.g. ModaNet v1.0's 0), or no usable polygon. An annotation rejected for its category still marks a
+garment: its region is painted as ignore (255, `unknown_category_painted_ignore`), never as background. An image whose every annotation was rejected is
 rejected too (an all-background label would be wrong); an image with no annotations at all is kept as
 all background (`empty_kept`), or dropped with `--drop-empty`. Two images with one file_name: the later
 ones are rejected (`duplicate_file_name`), as with duplicate ids: both would store the same photo, one
@@ -118,6 +119,9 @@ SEED_LIMIT = 2**127  # the split hash's key is the seed as 16 signed bytes
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PNG_COMPRESS_LEVEL = 1  # with zlib's RLE strategy the level hardly matters: take the fastest
+# rules that changed what a shard holds for the same inputs: part of the plan id, so --resume redoes
+# shards written under older rules
+LABEL_RULES = ("unknown_category_as_ignore",)
 _TAR_RECORD = 10240
 _COUNT_KEYS = (
     "images_in",
@@ -129,6 +133,7 @@ _COUNT_KEYS = (
     "annotations_rejected",
     "annotations_dropped_by_map",
     "annotations_of_rejected_images",
+    "unknown_category_painted_ignore",
     "polygons_in",
     "polygons_rejected",
     "polygons_clipped",
@@ -261,6 +266,9 @@ class ImageTask:
     height: int
     annotations: list[tuple[Any, int, Any]]  # (annotation id, label value, segmentation), file order
     plan_rejected: int = 0  # annotations of this image already rejected while planning
+    # segmentations of annotations rejected for an unknown category: a garment of no known class is
+    # painted as ignore (255), never as background
+    unknown: list[Any] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -394,6 +402,7 @@ def _plan_id(opts: ShardOptions, source_fingerprint: dict) -> str:
         "shard_size": opts.shard_size,
         "max_images": opts.max_images,
         "png_compress_level": PNG_COMPRESS_LEVEL,
+        "label_rules": list(LABEL_RULES),
     }
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
@@ -475,6 +484,7 @@ def make_plan(opts: ShardOptions, coco: dict | None = None, sha256: str | None =
             reject_annotation("unknown_image_id", a, image_id, f"image_id {image_id!r} is not in 'images'")
         elif not is_int(a["category_id"]) or a["category_id"] not in labels:
             tasks[image_id].plan_rejected += 1
+            tasks[image_id].unknown.append(a["segmentation"])
             reject_annotation(
                 "unknown_category", a, image_id, f"category_id {a['category_id']!r} is not in 'categories'"
             )
@@ -830,7 +840,7 @@ def _convert(
     if not instances and (task.plan_rejected or counts["annotations_rejected"]):
         raise Rejected("all_annotations_rejected", "an all-background label would be wrong")
 
-    label = rasterize(instances, height, width)
+    label = rasterize(instances + _unknown_regions(task, height, width, counts), height, width)
     meta = {
         "id": task.image_id,
         "file_name": task.file_name,
@@ -839,6 +849,22 @@ def _convert(
     }
     counts["empty_kept"] += not task.annotations
     return _sample(data, info, label, meta, source.num_classes, counts)
+
+
+def _unknown_regions(task: ImageTask, height: int, width: int, counts: Counter) -> list[tuple[int, dict]]:
+    """(IGNORE_INDEX, RLE) for each annotation rejected for its category whose polygons still cover a
+    pixel: its garment is unlearnable, not background. Its polygons' own faults are not reported again
+    (the annotation already is, as unknown_category); they only decide whether anything is painted."""
+    regions = []
+    for segmentation in task.unknown:
+        scratch: Counter = Counter()
+        try:
+            good = _valid_polygons(segmentation, scratch, [], {})
+            regions.append((IGNORE_INDEX, _instance_rle(good, height, width, scratch, [], {})))
+            counts["unknown_category_painted_ignore"] += 1
+        except Rejected:
+            counts["unknown_category_not_paintable"] += 1
+    return regions
 
 
 # -------------------------------------------------------------------------------------------- writing
@@ -1025,6 +1051,40 @@ def _check_lmdb(path: Path) -> None:
         raise InputError(f"--lmdb {path} is not a readable LMDB: {e}") from None
 
 
+class ShardWriteError(OSError):
+    """Writing shards failed part-way; `finished` shards (written or kept) are complete and kept."""
+
+    def __init__(self, cause: OSError, finished: int, out: Path):
+        super().__init__(cause.errno, cause.strerror or str(cause), cause.filename or str(out))
+        self.finished = finished
+
+
+def _claim_out(out: Path, plan: Plan) -> None:
+    """Make `out` the sharder's, before anything is written: one line when it is a file, cannot be
+    created or written (read-only, full), or holds shard, manifest or rejects files the sharder did not
+    write (no .parts folder beside them): those are never overwritten."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and not (out / PARTS_DIR).is_dir():
+        ours = {s.name for s in plan.shards} | {MANIFEST_NAME, REJECTS_NAME}
+        foreign = sorted(
+            p.name for p in out.iterdir() if p.name in ours or re.fullmatch(r".+-\d{6}\.tar", p.name)
+        )
+        if foreign:
+            raise InputError(
+                f"--out {out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} that "
+                "modaseg-shard did not write (no .parts folder): give a new or empty folder"
+            )
+    probe = out / PARTS_DIR / f".probe.{os.getpid()}"
+    try:
+        (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        write_atomic(probe, b"modaseg-shard")
+        probe.unlink()
+    except OSError as e:
+        probe.unlink(missing_ok=True)
+        raise InputError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
 def shard(opts: ShardOptions, plan: Plan | None = None) -> RunResult:
     """Convert this task's shards (all of them for a single task), then merge when single."""
     start = time.perf_counter()
@@ -1036,7 +1096,7 @@ def shard(opts: ShardOptions, plan: Plan | None = None) -> RunResult:
     plan = plan or make_plan(opts)
     source = _Source.of(opts, plan)
     out = opts.out
-    (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    _claim_out(out, plan)
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # about to change shards: a stale manifest would lie
     mine = [s for s in plan.shards if s.index % opts.num_tasks == opts.task_index]
     result = RunResult(manifest=None)
@@ -1073,6 +1133,8 @@ def shard(opts: ShardOptions, plan: Plan | None = None) -> RunResult:
             for side in _run_jobs(jobs, source, progress, workers):
                 result.shards_written += 1
                 result.counts.update(side["counts"])
+        except OSError as e:  # disk full, a folder made read-only meanwhile: what is finished is kept
+            raise ShardWriteError(e, result.shards_written + result.shards_skipped, out) from e
         finally:
             stop.set()
             watcher.join()
@@ -1131,6 +1193,8 @@ def merge(opts: ShardOptions, plan: Plan | None = None) -> Manifest:
     check_invariants(counts)
     lines = "".join(json.dumps(line, sort_keys=True, default=str) + "\n" for line in reject_lines)
     write_atomic(out / REJECTS_NAME, lines)
+    if not counts["samples_written"]:  # no manifest: training must not start from an empty dataset
+        raise InputError(_nothing_written(counts["images_in"], reject_lines, out / REJECTS_NAME))
     manifest = Manifest(
         tool_version=__version__,
         annotations_sha256=plan.annotations_sha256,
@@ -1145,6 +1209,29 @@ def merge(opts: ShardOptions, plan: Plan | None = None) -> Manifest:
     )
     write_manifest(manifest, out)
     return manifest
+
+
+def _nothing_written(images_in: int, reject_lines: list[dict], rejects_path: Path) -> str:
+    """The one line for a run that wrote no sample: the most frequent reason an input was rejected, an
+    example of it, and (for images whose annotations were all rejected) the annotations' reason."""
+    if not images_in:
+        return "no inputs to shard (no images listed, no photo found)"
+    images = Counter(r["reason"] for r in reject_lines if r["kind"] == "image")
+    reason, n = images.most_common(1)[0]
+    example = next(r for r in reject_lines if r["kind"] == "image" and r["reason"] == reason)
+    why = f"{reason} ({n} of {images_in})"
+    if reason == "all_annotations_rejected":
+        anns = Counter(r["reason"] for r in reject_lines if r["kind"] == "annotation")
+        if anns:
+            ann_reason, k = anns.most_common(1)[0]
+            example = next(r for r in reject_lines if r["kind"] == "annotation" and r["reason"] == ann_reason)
+            why += f"; their annotations mostly {ann_reason} ({k})"
+    detail = str(example.get("detail", ""))[:160]
+    return (
+        f"no sample written: all {images_in} inputs were rejected, most for {why}"
+        + (f", e.g. {detail}" if detail else "")
+        + f"; every reason is in {rejects_path}"
+    )
 
 
 def check_invariants(counts: Counter) -> None:
@@ -1305,8 +1392,17 @@ def _main(argv: list[str] | None) -> int:
         return 1
     except UserError:
         raise  # run_cli: one line, exit 2
-    except OSError as e:  # disk full, permissions, ...: finished shards are kept
-        print(f"modaseg-shard: error: {e} (fix it, then rerun with --resume)", file=err)
+    except ShardWriteError as e:  # disk full, permissions, ... part-way: finished shards are kept
+        where = f" writing {e.filename}"
+        if e.finished:
+            advice = f"{e.finished} finished shard(s) are kept: fix it, then rerun with --resume"
+        else:
+            advice = "no shard was finished: fix it, then run again"
+        print(f"modaseg-shard: error: {e.strerror}{where}; {advice}", file=err)
+        return 1
+    except OSError as e:  # writing the manifest or rejects, reading for --verify
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"modaseg-shard: error: {e.strerror or e}{where}", file=err)
         return 1
     return 0
 

@@ -16,8 +16,9 @@ the sharder labels it (far coordinates cut the same way, none without a pixel).
 
 Everything random comes from `numpy.random.default_rng([seed, ...])`, per image: same seed, same bytes.
 The annotation file says it was made here (a top-level `modaseg_synth` entry, which COCO readers
-ignore); an output folder whose annotations.json lacks it holds a dataset this tool did not write and
-is refused rather than overwritten.
+ignore), and a claimed folder holds a `.modaseg-synth` marker from before its first image; any other
+non-empty output folder (an annotations.json without the entry, photos in images/, a real ModaNet
+folder with its own annotation file) holds data this tool did not write and is refused, not overwritten.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ IMAGE_ID_STEP = 3  # gaps between ids, as in ModaNet: nothing may assume contigu
 ANNOTATIONS_NAME = "annotations.json"
 IMAGES_DIR = "images"
 PROVENANCE = "modaseg_synth"  # top-level key of every annotation file written here
+MARKER_NAME = ".modaseg-synth"  # written when a folder is claimed, before the first image
 MAX_SIDE = 4096  # the noise bank is 2x the image in each direction: 4096x4096 needs ~800 MB
 
 Point = tuple[float, float]
@@ -852,8 +854,11 @@ def _check_options(seed: int, quality: int) -> None:
 
 
 def _claim(out: Path, source: Path | None = None) -> None:
-    """Create `out`, refusing a folder whose annotations.json this tool did not write (a real ModaNet
-    folder given as --out by mistake would lose its annotations and photos) or is the file being painted."""
+    """Create `out`, refusing a folder this tool did not make (a real ModaNet folder given as --out by
+    mistake would lose its annotations and photos) or whose annotations.json is the file being painted.
+    Ours: an annotations.json that says so, or the marker written when an empty folder is claimed (so an
+    interrupted run, images written and no annotations.json yet, may be run again). Anything else in a
+    non-empty folder (photos in images/, another annotation file) is somebody's data."""
     ann = out / ANNOTATIONS_NAME
     if ann.exists():
         if source is not None and os.path.samefile(ann, source):
@@ -871,7 +876,20 @@ def _claim(out: Path, source: Path | None = None) -> None:
             raise InputError(
                 f"--out {out} holds an {ANNOTATIONS_NAME} modaseg-synth did not write: give a new folder"
             )
+    elif out.is_dir() and not (out / MARKER_NAME).is_file():
+        foreign = sorted(p.name for p in out.iterdir() if p.name != IMAGES_DIR)
+        images = out / IMAGES_DIR
+        foreign += [f"{IMAGES_DIR}/{p.name}" for p in sorted(images.iterdir())] if images.is_dir() else []
+        if foreign:
+            raise InputError(
+                f"--out {out} is not empty and modaseg-synth did not make it ({len(foreign)} entries, e.g. "
+                f"{foreign[0]}): give a new folder"
+            )
+    elif out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
     (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER_NAME).is_file():
+        write_atomic(out / MARKER_NAME, "written by modaseg-synth: this folder may be written again\n")
 
 
 def generate(

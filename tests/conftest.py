@@ -199,3 +199,23 @@ def spawn_gloo(fn, args: tuple = (), world_size: int = 2) -> None:
     tmp.start_processes(
         _gloo_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, start_method="spawn"
     )
+
+
+def on_a_small_disk(folder: Path, options: str, cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run `cmd` with `folder` on a private tmpfs mounted with `options` ("size=8k": a real full disk,
+    "ro": read-only even for root), gone when it ends; stdout ends with `tars=N`, the shards left there.
+    Skips the test where mounts are not permitted."""
+    script = (
+        'mount -t tmpfs -o "$1" tmpfs "$0" || exit 99; shift; "$@"; rc=$?; '
+        'echo "tars=$(ls "$0"/*.tar 2>/dev/null | wc -l)"; exit $rc'
+    )
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, str(folder), options, *cmd],
+        env=clean_env(PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if result.returncode == 99 or "unshare:" in result.stderr:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()[:200]}")
+    return result

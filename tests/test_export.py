@@ -215,3 +215,21 @@ def test_onnx_with_a_working_resolution_resizes_inside_the_graph(tmp_path, model
     results, _ = export_onnx_checked(model, tmp_path, NAMES, IMAGENET, 18, 70, 50, long_side=48)
     assert all(r.ok and r.argmax_agreement == 1.0 for r in results), [r.line() for r in results]
     assert (tmp_path / ONNX_NAME).is_file()
+
+
+def test_reexport_onto_itself_without_onnx_keeps_model_onnx(exported, tmp_path, capsys):
+    """RUN/best -> RUN/best without --onnx deleted model.onnx (issue 21.12); onto another export its
+    model.onnx belongs to other weights: dropped, and said."""
+    same, other = tmp_path / "same", tmp_path / "other"
+    shutil.copytree(exported, same)
+    shutil.copytree(exported, other)
+    graph = (same / ONNX_NAME).read_bytes()
+    assert main(["--checkpoint", str(same), "--out", str(same)]) == 0
+    assert (same / ONNX_NAME).read_bytes() == graph
+    assert f"{ONNX_NAME} kept (same weights)" in capsys.readouterr().out
+    assert main(["--checkpoint", str(same), "--out", str(other)]) == 0
+    assert (
+        not (other / ONNX_NAME).exists()
+        and f"the {ONNX_NAME} of the export replaced" in capsys.readouterr().out
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "same"]  # nothing set aside is left

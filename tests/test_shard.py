@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import scipy.io
 import yaml
+from conftest import on_a_small_disk
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -1171,3 +1172,109 @@ def test_huge_seed_is_one_line_not_a_traceback(tmp_path, capsys):
         assert err.startswith("modaseg-shard: error: --seed must be in") and err.count("\n") == 1
     assert not out.exists()
     assert sh.main(coco_args(tmp_path, coco, images_dir, out, f"--seed={2**127 - 1}")) == 0
+
+
+def test_an_unknown_category_is_painted_as_ignore_and_counted(tmp_path):
+    """A garment whose category_id is not in the file must not be taught as background (issue 21.13)."""
+    coco, images_dir = small_dataset(tmp_path)
+    unknown = next(a for a in coco["annotations"] if a["id"] == 100)  # image 101 keeps its other one
+    unknown.update(category_id=99, segmentation=[rect(52, 82, 62, 94)])
+    manifest, out, samples = run(tmp_path, coco, images_dir)
+    assert manifest.rejects == {"annotation/unknown_category": 1}
+    assert manifest.counts["unknown_category_painted_ignore"] == 1
+    assert_invariants(manifest, out)
+    expected = reference_polys([rect(5, 5, 50, 80)], 1)
+    expected[reference_polys([rect(52, 82, 62, 94)], 1).astype(bool)] = 255
+    np.testing.assert_array_equal(samples[101]["mask"], expected)
+    assert samples[101]["meta"]["ignore_pixels"] == int((expected == 255).sum()) > 0
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("mask variable", "label_variable_missing (4 of 4)"),
+        (
+            "every category unknown",
+            "all_annotations_rejected (4 of 4); their annotations mostly unknown_category",
+        ),
+        ("every photo missing", "missing_file (4 of 4)"),
+    ],
+)
+def test_nothing_written_is_an_error_naming_the_main_reason(tmp_path, capsys, source, message):
+    """'written 0 + rejected 8: OK', exit 0, left training to fail later (issue 21.6)."""
+    out = tmp_path / "out"
+    if source == "mask variable":
+        args = pixel_args(pixel_dataset(tmp_path / "data", n=4), out, "--mask-variable=nope")
+    else:
+        coco, images_dir = small_dataset(tmp_path)
+        for ann in coco["annotations"]:
+            ann["category_id"] = 99 if source == "every category unknown" else ann["category_id"]
+        if source == "every photo missing":
+            for p in images_dir.iterdir():
+                p.unlink()
+        args = coco_args(tmp_path, coco, images_dir, out)
+    assert sh.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modaseg-shard: error: no sample written") and err.count("\n") == 1, err
+    assert message in err and str(out / sh.REJECTS_NAME) in err
+    assert not (out / sh.MANIFEST_NAME).exists() and (out / sh.REJECTS_NAME).read_text()
+
+
+def _out_is_a_file(out: Path) -> None:
+    out.write_text("a file")
+
+
+def _foreign_shard(out: Path) -> None:
+    out.mkdir()
+    (out / "train-000000.tar").write_bytes(b"somebody's shard")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_out_is_a_file, "exists and is not a folder"),
+        (_foreign_shard, "holds train-000000.tar that modaseg-shard did not write"),
+    ],
+    ids=["a file", "a foreign shard"],
+)
+def test_an_unusable_out_is_one_line_without_resume_advice(tmp_path, capsys, make, message):
+    """--out <file> / read-only said 'rerun with --resume', exit 1 (issue 21.11); a foreign
+    train-000000.tar in --out was overwritten (issue 21.12)."""
+    coco, images_dir = small_dataset(tmp_path)
+    out = tmp_path / "out"
+    make(out)
+    before = {p: p.read_bytes() for p in [out, *out.rglob("*")] if p.is_file()}
+    assert sh.main(coco_args(tmp_path, coco, images_dir, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modaseg-shard: error: --out") and err.count("\n") == 1, err
+    assert message in err and "--resume" not in err
+    assert {p: p.read_bytes() for p in [out, *out.rglob("*")] if p.is_file()} == before
+
+
+def test_a_read_only_out_is_one_line_without_resume_advice(tmp_path):
+    coco, images_dir = small_dataset(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "modaseg.shard", *coco_args(tmp_path, coco, images_dir, out)]
+    result = on_a_small_disk(out, "ro", cmd)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"modaseg-shard: error: --out {out}: cannot write there (Read-only")
+
+
+@pytest.mark.parametrize("disk_kb", [8, 40])  # the first shard does not fit / some do
+def test_a_full_disk_says_what_is_kept(tmp_path, disk_kb):
+    """A real full disk (a small tmpfs as --out): one line, '--resume' advised only when finished
+    shards are kept, and exactly that many are (issue 21.11)."""
+    coco, images_dir = small_dataset(tmp_path, n=12)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = coco_args(tmp_path, coco, images_dir, out, "--shard-size=1")
+    result = on_a_small_disk(out, f"size={disk_kb}k", [sys.executable, "-m", "modaseg.shard", *args])
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(err) == 1, result.stderr
+    assert "No space left on device" in err[0] and "Traceback" not in result.stderr
+    tars = int(result.stdout.split("tars=")[1])
+    if tars:
+        assert f"{tars} finished shard(s) are kept: fix it, then rerun with --resume" in err[0]
+    else:
+        assert "no shard was finished" in err[0] and "--resume" not in err[0]

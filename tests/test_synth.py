@@ -43,7 +43,9 @@ def _mask(segmentation: list, height: int, width: int) -> np.ndarray:
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """The dataset's files: annotations.json and the images (not the folder's synth.MARKER_NAME)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != synth.MARKER_NAME)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
 
 
 def test_format_is_modanet_and_loads_with_coco_api(dataset):
@@ -303,3 +305,36 @@ def test_bad_arguments_are_one_line_not_a_traceback(tmp_path, capsys, args, mess
     assert synth.main(["--out", str(tmp_path / "out"), "--no-progress", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("modaseg-synth: error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["photos only", "modanet layout", "a stray file"],
+)
+def test_a_folder_of_real_photos_is_never_painted_over(tmp_path, capsys, layout):
+    """Without an annotations.json in --out the old guard let synth replace real photos (issue 21.1)."""
+    real = tmp_path / "m"
+    (real / "images").mkdir(parents=True)
+    photo = real / "images" / "0100001.jpg"
+    photo.write_bytes(b"a real photo")
+    source = synth.generate(tmp_path / "src", 2, width=64, height=96, progress=False)
+    args = ["--out", str(real), "--num-images", "2", "--no-progress"]
+    if layout == "modanet layout":  # the annotation file beside images/, painted into its own folder
+        (real / "modanet2018_instances_train.json").write_bytes(source.read_bytes())
+        args = ["--out", str(real), "--from-annotations", str(real / "modanet2018_instances_train.json")]
+    elif layout == "a stray file":
+        photo.unlink()
+        (real / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in real.rglob("*") if p.is_file()}
+    assert synth.main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modaseg-synth: error: --out") and err.count("\n") == 1 and "not empty" in err
+    assert {p: p.read_bytes() for p in real.rglob("*") if p.is_file()} == before
+
+
+def test_an_interrupted_synth_run_may_be_run_again(tmp_path):
+    out = tmp_path / "out"
+    synth.generate(out, 2, width=64, height=96, progress=False)
+    (out / "annotations.json").unlink()  # killed before the annotations, written last
+    synth.generate(out, 3, width=64, height=96, progress=False)
+    assert len(list((out / "images").iterdir())) == 3
