@@ -1,10 +1,17 @@
 """Streaming loaders over the shards written by `modaseg-shard` (layout and manifest: modaseg/manifest.py).
 
-Training: every worker of every rank draws shards with replacement (a resampled stream) and yields a
-fixed number of batches, so all ranks run the same number of steps whatever the shard count and DDP
-never waits on a rank that ran out of data. Everything random in a worker (shard choice, repeat-factor
-rounding, shuffle buffer, augmentation) comes from one RNG derived from (seed, epoch, rank, worker):
-a run resumed at an epoch boundary sees the batches an uninterrupted run would have seen.
+Training: an epoch is one pass over the training samples. Every process builds the same sequence of
+shard segments for the epoch (the shards in an order drawn from (seed, epoch); with `data.mix`, each
+folder's samples as often as its weight asks, see `epoch_segments`), cuts it into one contiguous block
+per rank and the rank's block into one slice per data worker, in proportion to the batches each worker
+yields. A worker reads its slice sequentially (one or two shard segments, from an offset), so every
+sample of the epoch is read by exactly one worker, and its quota of batches holds the whole slice: every
+sample is trained on once per epoch for any number of ranks and workers. The rest of a worker's quota
+(the rounding up to whole batches, and repeat-factor copies beyond the planned count) is filled from
+further passes drawn after the epoch's, so all ranks run the same number of steps and DDP never waits on
+a rank that ran out of data. Everything random in a worker (repeat-factor rounding, shuffle buffer,
+augmentation) comes from one RNG derived from (seed, epoch, rank, worker): a run resumed at an epoch
+boundary, or fast-forwarded inside one, sees the batches an uninterrupted run would have seen.
 
 Evaluation: the split's samples (in manifest order) are cut into one contiguous block per rank, and a
 rank's samples are dealt round-robin to its workers, so every sample of the split is seen exactly once,
@@ -79,6 +86,17 @@ def batches_per_epoch(num_samples: int, world_size: int, batch_size: int, grad_a
     return groups * grad_accum
 
 
+def epoch_samples(num_samples: int, class_images: Sequence[float], threshold: float) -> int:
+    """Samples in an epoch of the training stream: the split once, plus the expected repeat-factor
+    copies (mean r_i estimated from the manifest's class counts, as class_exposure does), so that an
+    epoch sized from it holds every sample and the copies."""
+    if threshold <= 0 or num_samples <= 0:
+        return num_samples
+    factors = repeat_factors(class_images, num_samples, threshold)
+    freqs = [n / num_samples for n in class_images]
+    return math.ceil(num_samples * _expected_max(factors, freqs, base=1.0, skip=-1))
+
+
 def repeat_factors(class_images: Sequence[int], num_images: int, threshold: float) -> list[float]:
     """LVIS repeat factors per class: r_c = max(1, sqrt(t / f_c)), f_c = share of images containing c.
     `threshold` <= 0 switches sampling off (all 1.0); a class in no image gets 1.0 (it never decides)."""
@@ -144,19 +162,105 @@ def _expected_max(factors: Sequence[float], freqs: Sequence[float], base: float,
     return expected + none_yet * base
 
 
-def sampling_weights(
+def folder_multiplicity(
     counts: Mapping[str, int], folders: Sequence[str], mix: Sequence[float] | None
-) -> dict[str, float]:
-    """How likely the training stream draws each shard (path -> weight). A draw yields all of the shard's
-    samples, so equal weights make every sample equally likely; with `data.mix` (relative weights of the
-    `data.shards` folders) a shard's weight is its folder's weight over the folder's sample count, and a
-    folder's samples make up its share of the stream, each still as likely as any other of the folder."""
+) -> list[tuple[float, list[str]]]:
+    """How often an epoch passes over each folder's samples, with the folder's shards:
+    [(multiplicity, [shard path, ...]) per folder]. Without `data.mix` every sample once; with it (relative
+    weights of the `data.shards` folders) a folder's samples make up its share of the epoch, which keeps
+    the epoch's length (the multiplicities average 1 over the samples), so a folder weighted above its
+    size is passed over more than once and one below it only in part (a different part every epoch)."""
     if mix is None:
-        return dict.fromkeys(counts, 1.0)
+        return [(1.0, list(counts))]
     resolved = [Path(f).resolve() for f in folders]
-    folder_of = {url: resolved.index(Path(url).parent) for url in counts}
-    sizes = [sum(n for url, n in counts.items() if folder_of[url] == i) for i in range(len(resolved))]
-    return {url: mix[folder_of[url]] / sum(mix) / sizes[folder_of[url]] for url in counts}
+    groups: list[list[str]] = [[] for _ in resolved]
+    for url in counts:
+        groups[resolved.index(Path(url).parent)].append(url)
+    total = sum(counts.values())
+    out = []
+    for weight, urls in zip(mix, groups, strict=True):
+        size = sum(counts[url] for url in urls)
+        if size:
+            out.append((weight / sum(mix) * total / size, urls))
+    return out
+
+
+@dataclass(frozen=True)
+class ShardSlice:
+    """Samples [start, stop) of one shard (of `total` samples, for the truncation check)."""
+
+    url: str
+    start: int
+    stop: int
+    total: int
+
+
+def epoch_segments(
+    counts: Mapping[str, int], groups: Sequence[tuple[float, Sequence[str]]], rng: random.Random
+) -> list[ShardSlice]:
+    """One pass of the training stream as shard segments, in an order drawn from `rng`: each folder's
+    shards whole floor(m) times, and the fraction of m as a window of the folder's samples (its shards
+    laid end to end in a drawn order) at a drawn offset. The folders' sample counts are rounded to sum
+    to the split's size (largest remainder), so the pass always has the split's length."""
+    wanted = [m * sum(counts[url] for url in urls) for m, urls in groups]
+    target = round(sum(wanted))
+    sizes = [math.floor(w) for w in wanted]
+    by_remainder = sorted(range(len(groups)), key=lambda i: (sizes[i] - wanted[i], i))
+    for i in by_remainder[: max(0, target - sum(sizes))]:
+        sizes[i] += 1
+    segments = []
+    for size, (_, urls) in zip(sizes, groups, strict=True):
+        folder = sum(counts[url] for url in urls)
+        full, rest = divmod(size, folder)
+        segments += [ShardSlice(url, 0, counts[url], counts[url]) for url in urls for _ in range(full)]
+        if rest:
+            order = list(urls)
+            rng.shuffle(order)
+            laid = [ShardSlice(url, 0, counts[url], counts[url]) for url in order]
+            offset = rng.randrange(folder)
+            segments += take_range(laid, offset, min(offset + rest, folder))
+            segments += take_range(laid, 0, max(0, offset + rest - folder))
+    rng.shuffle(segments)
+    return segments
+
+
+def take_range(segments: Sequence[ShardSlice], lo: int, hi: int) -> list[ShardSlice]:
+    """Positions [lo, hi) of the sequence the segments make, laid end to end, as segments."""
+    out, offset = [], 0
+    for s in segments:
+        n = s.stop - s.start
+        a, b = max(lo - offset, 0), min(hi - offset, n)
+        if a < b:
+            out.append(ShardSlice(s.url, s.start + a, s.start + b, s.total))
+        offset += n
+    return out
+
+
+def worker_range(
+    length: int, rank: int, world_size: int, quotas: Sequence[int], worker: int
+) -> tuple[int, int]:
+    """Worker `worker`'s positions [lo, hi) of a pass of `length` samples: the rank's contiguous block
+    (blocks differ by at most one), cut in proportion to the workers' batch quotas. A slice is never
+    longer than its worker's quota in samples when the rank's quota holds its block."""
+    block_lo, block_hi = rank * length // world_size, (rank + 1) * length // world_size
+    total = sum(quotas)
+    if total == 0:
+        return block_lo, block_lo
+    before = sum(quotas[:worker])
+    n = block_hi - block_lo
+    return block_lo + n * before // total, block_lo + n * (before + quotas[worker]) // total
+
+
+def worker_quotas(num_batches: int, workers: int) -> list[int]:
+    """Batches per worker: the DataLoader takes them round-robin, worker 0 first."""
+    return [num_batches // workers + (w < num_batches % workers) for w in range(workers)]
+
+
+def epoch_seed(seed: int, epoch: int, run: int) -> int:
+    """The seed of an epoch's shard order (`run` 0) and of the passes that fill quotas after it: the same
+    on every rank and worker, so their slices partition the pass."""
+    text = f"modaseg-epoch/{seed}/{epoch}/{run}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 
 
 def stream_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
@@ -210,9 +314,17 @@ def read_shards(sources: Iterable[Mapping[str, Any]], expected: Mapping[str, int
         yield from _read_shard(str(source["url"]), expected[str(source["url"])], on_error)
 
 
-def _read_shard(url: str, expected: int, on_error: ErrorFn) -> Iterator[dict]:
-    done = 0  # samples yielded or reported
-    current: dict | None = None
+def _read_shard(
+    url: str, expected: int, on_error: ErrorFn, start: int = 0, stop: int | None = None
+) -> Iterator[dict]:
+    """Samples [start, stop) of a shard of `expected` samples, read sequentially: the members before
+    `start` are stepped over without being read into memory, and reading ends at `stop`. What is lost to
+    damage is counted within [start, stop) only."""
+    stop = expected if stop is None else stop
+    index = -1  # of the sample whose members are being read
+    done = 0  # samples of [start, stop) yielded or reported
+    key_now: str | None = None
+    current: dict | None = None  # the sample being read, when inside [start, stop)
     member = None  # name of the member being read, for the error message
     try:
         with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
@@ -220,16 +332,22 @@ def _read_shard(url: str, expected: int, on_error: ErrorFn) -> Iterator[dict]:
                 key, ext = base_plus_ext(info.name) if info.isreg() else (None, None)
                 if key is None:
                     continue
-                if current is not None and key != current["__key__"]:
-                    done += 1
-                    yield from _complete(current, on_error)
-                    current = None
+                tar.members = []  # stream mode keeps every header otherwise
+                if key != key_now:
+                    if current is not None:
+                        done += 1
+                        yield from _complete(current, on_error)
+                        current = None
+                    index, key_now = index + 1, key
+                    if index >= stop:
+                        break
+                    if index >= start:
+                        current = {"__key__": key, "__url__": url}
                 if current is None:
-                    current = {"__key__": key, "__url__": url}
+                    continue  # before the slice: the tar reader steps over the member's data
                 member = info.name
                 data = tar.extractfile(info).read()
                 member = None
-                tar.members = []  # stream mode keeps every header otherwise
                 if ext in FIELDS:
                     current[ext] = data
     except CorruptDataError:
@@ -240,17 +358,19 @@ def _read_shard(url: str, expected: int, on_error: ErrorFn) -> Iterator[dict]:
             yield from _complete(current, on_error)
             current = None
         key = current["__key__"] if current is not None else f"(after {done} samples)"
-        on_error(url, key, f"unreadable shard ({type(e).__name__}: {e})", lost=max(1, expected - done))
+        lost = max(1, stop - start - done)
+        on_error(url, key, f"unreadable shard ({type(e).__name__}: {e})", lost=lost)
         return
     if current is not None:
         done += 1
         yield from _complete(current, on_error)
-        last = current["__key__"]
-    else:
-        last = "(none)"
-    if done < expected:
+    if start + done < stop:
+        last = key_now if key_now is not None else "(none)"
         on_error(
-            url, f"(after {last})", f"shard ends after {done} of {expected} samples", lost=expected - done
+            url,
+            f"(after {last})",
+            f"shard ends after {index + 1} of {expected} samples",
+            lost=stop - start - done,
         )
 
 
@@ -288,6 +408,25 @@ def repeat_by_factor(samples: Iterable[dict], factors: Sequence[float], rng: ran
         r = image_repeat_factor(sample["meta"]["classes_present"], factors)
         n = int(r) + (rng.random() < r - int(r))
         for _ in range(n):
+            yield sample
+
+
+def repeat_within_quota(
+    samples: Iterable[dict], factors: Sequence[float], rng: random.Random, quota: int, originals: int
+) -> Iterator[dict]:
+    """repeat_by_factor over a worker's slice of the epoch, where the copies must not push an original
+    out of the worker's quota: a copy comes out only while the quota still holds every original not yet
+    read (`originals`: the slice's length). Copies that do not fit are dropped; the plan sizes the epoch
+    for the expected copies (epoch_samples), so few are."""
+    emitted, left = 0, originals
+    for sample in samples:
+        r = image_repeat_factor(sample["meta"]["classes_present"], factors)
+        n = int(r) + (rng.random() < r - int(r))
+        left -= 1
+        for i in range(n):
+            if i and emitted + max(left, 0) >= quota:
+                break
+            emitted += 1
             yield sample
 
 
@@ -417,60 +556,84 @@ class TrainStream(IterableDataset):
         num_classes: int,
         *,
         rank: int,
+        world_size: int,
         seed: int,
         num_batches: int,
         epoch: Any,
         mask_dtype: torch.dtype = torch.int64,
         long_side: int | None = None,
-        weights: Mapping[str, float] | None = None,
+        groups: Sequence[tuple[float, Sequence[str]]] | None = None,
     ):
         super().__init__()
         self.data, self.aug = data, aug
         self.long_side = long_side
         self.shards = dict(shards)
-        self.weights = (
-            dict(weights) if weights is not None else {url: float(n) for url, n in self.shards.items()}
-        )
+        self.groups = [(m, list(urls)) for m, urls in groups] if groups else [(1.0, list(self.shards))]
         self.factors = list(factors)
         self.num_classes = num_classes
-        self.rank, self.seed, self.num_batches = rank, seed, num_batches
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.num_batches = seed, num_batches
         self.epoch = epoch  # multiprocessing.Value("q")
         self.mask_dtype = mask_dtype
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
-        count = self.num_batches // workers + (worker < self.num_batches % workers)
-        if count == 0:
+        return self.iterate(worker, workers)
+
+    def iterate(self, worker: int, workers: int) -> Iterator[dict]:
+        """Worker `worker` of `workers`: its share of the rank's batches of the current epoch."""
+        quotas = worker_quotas(self.num_batches, workers)
+        if quotas[worker] == 0:
             return iter(())
-        rng = random.Random(stream_seed(self.seed, self.epoch.value, self.rank, worker))
+        epoch = self.epoch.value
+        rng = random.Random(stream_seed(self.seed, epoch, self.rank, worker))
         transform = train_transform(self.aug, self.data.crop_height, self.data.crop_width, self.long_side)
         seed_transform(transform, rng.getrandbits(64))
         skips = SkipCounter(self.data.max_corrupt_samples)
-        urls = sorted(self.shards)
-        weights = [self.weights[url] for url in urls]
+        samples = self.samples(epoch, worker, quotas, rng, skips)
         pipeline = wds.DataPipeline(
-            lambda: ({"url": url} for _ in itertools.count() for url in rng.choices(urls, weights, k=1)),
-            partial(read_shards, expected=self.shards, on_error=skips),
-            partial(parse_meta, num_classes=self.num_classes, on_error=skips),
-            partial(repeat_by_factor, factors=self.factors, rng=rng),
-            wds.shuffle(self.data.shuffle_buffer, initial=self.data.shuffle_buffer, rng=rng)
-            if self.data.shuffle_buffer > 1
-            else None,
+            lambda: samples,
             partial(decode_samples, num_classes=self.num_classes, on_error=skips),
             partial(augment_samples, transform=transform),
             partial(train_batches, batch_size=self.data.batch_size, skips=skips, mask_dtype=self.mask_dtype),
         )
-        return itertools.islice(iter(pipeline), count)
+        return itertools.islice(iter(pipeline), quotas[worker])
 
+    def samples(
+        self, epoch: int, worker: int, quotas: Sequence[int], rng: random.Random, on_error: ErrorFn
+    ) -> Iterator[dict]:
+        """The worker's undecoded samples in order: its slice of the epoch's pass, each sample once plus
+        the repeat-factor copies that fit, shuffled (the buffer drains before anything else comes), then
+        samples of further passes (drawn from the same seed, read from the slice's position on) for the
+        rest of the quota."""
+        first = epoch_segments(self.shards, self.groups, random.Random(epoch_seed(self.seed, epoch, 0)))
+        length = sum(s.stop - s.start for s in first)
+        lo, hi = worker_range(length, self.rank, self.world_size, quotas, worker)
+        yield from self._shuffle(
+            repeat_within_quota(
+                self._parsed(take_range(first, lo, hi), on_error),
+                self.factors,
+                rng,
+                quota=quotas[worker] * self.data.batch_size,
+                originals=hi - lo,
+            ),
+            rng,
+        )
+        for run in itertools.count(1):
+            if length == 0:
+                return
+            later = epoch_segments(self.shards, self.groups, random.Random(epoch_seed(self.seed, epoch, run)))
+            ordered = take_range(later, lo, length) + take_range(later, 0, lo)
+            yield from self._shuffle(
+                repeat_by_factor(self._parsed(ordered, on_error), self.factors, rng), rng
+            )
 
-@dataclass(frozen=True)
-class ShardSlice:
-    """Samples [start, stop) of one shard (of `total` samples, for the truncation check)."""
+    def _parsed(self, segments: Sequence[ShardSlice], on_error: ErrorFn) -> Iterator[dict]:
+        return parse_meta(read_slices(segments, on_error), self.num_classes, on_error)
 
-    url: str
-    start: int
-    stop: int
-    total: int
+    def _shuffle(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        size = self.data.shuffle_buffer
+        return wds.shuffle(size, initial=size, rng=rng)(samples) if size > 1 else samples
 
 
 def rank_slices(counts: Mapping[str, int], rank: int, world_size: int) -> list[ShardSlice]:
@@ -491,7 +654,7 @@ def rank_slices(counts: Mapping[str, int], rank: int, world_size: int) -> list[S
 def read_slices(slices: Iterable[ShardSlice], on_error: ErrorFn) -> Iterator[dict]:
     """The samples of each slice; a shard is read only up to the end of its slice."""
     for s in slices:
-        yield from itertools.islice(_read_shard(s.url, s.total, on_error), s.start, s.stop)
+        yield from _read_shard(s.url, s.total, on_error, s.start, s.stop)
 
 
 class EvalStream(IterableDataset):
@@ -533,14 +696,16 @@ def _shard_counts(manifest: Manifest, root: str | Path, split: str) -> dict[str,
 
 class TrainLoader:
     """One rank's training batches, epoch after epoch: exactly `num_batches` per epoch (split over the
-    workers), deterministic in (seed, epoch, rank, worker, workers): {"image" uint8 [B,3,H,W], "mask"
-    [B,H,W] of `mask_dtype`, "key", "skipped" (corrupt samples skipped by that worker since its
-    previous batch)}. The workers persist across epochs (`set_epoch` before each); `close` ends them.
+    workers), deterministic in (seed, epoch, rank, world size, worker, workers), with every sample of
+    the split in each epoch when `num_batches` holds the rank's share (batches_per_epoch of
+    epoch_samples): {"image" uint8 [B,3,H,W], "mask" [B,H,W] of `mask_dtype`, "key", "skipped" (corrupt
+    samples skipped by that worker since its previous batch)}. The workers persist across epochs (`set_epoch` before each); `close` ends them.
 
     Rare-class sampling: data.repeat_threshold (0 = off). `mask_dtype=torch.uint8` makes masks 8x
     smaller on the host and in the host->device copy (then `.long()` on the device). `long_side`: the
     model's working resolution (model.input_long_side), which the augmentation's scales are relative to.
-    Several shard folders (`data.shards` as a list) are drawn from in the proportions of `data.mix`.
+    Several shard folders (`data.shards` as a list) make up an epoch in the proportions of `data.mix`
+    (folder_multiplicity).
     """
 
     def __init__(
@@ -573,12 +738,13 @@ class TrainLoader:
             factors,
             manifest.num_classes,
             rank=rank,
+            world_size=world_size,
             seed=seed,
             num_batches=num_batches,
             epoch=self._epoch,
             mask_dtype=mask_dtype,
             long_side=long_side,
-            weights=sampling_weights(counts, folders, data.mix),
+            groups=folder_multiplicity(counts, folders, data.mix),
         )
         self.num_batches = num_batches
         self._loader: DataLoader | None = _data_loader(stream, data, persistent=True)

@@ -12,13 +12,20 @@ Why not SMP's losses (segmentation_models_pytorch 0.6; each is tested against SM
 - SMP's `DiceLoss` averages over all C classes, counting classes absent from the batch as 0 loss, so its
   scale depends on how many classes a batch happens to contain; ours averages over the classes present
   in the (local or global) batch. With every class present the two are equal.
-- SMP's `LovaszLoss` is Berman's reference: one sort per class. Ours sorts all present classes in one
+- SMP's `LovaszLoss` is Berman's reference: one sort per class. Ours sorts every class row in one
   batched sort and computes the Lovasz gradient without the float32 cancellation of the reference's
   `jaccard[1:] - jaccard[:-1]`; the value equals the reference (tests, float64 oracle).
+
+The training path (`CompositeLoss`) never reads a value back to the host: no boolean indexing, no
+`nonzero`/`bincount`/`.item()`, no branch on data, so every shape is static and a step can run under
+torch.compile or a CUDA graph without a device sync per micro-batch (the tests run it on the meta
+device, which has no data to read). Label values are checked on the host only (the loaders check them
+before a batch reaches the device).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -109,14 +116,23 @@ def _check_inputs(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Te
     if target.is_floating_point():
         raise ValueError(f"target must hold integer labels, got {target.dtype}")
     target = target.long()
-    num_classes = logits.shape[1]
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-    if bad.any():
-        values = sorted(set(target[bad].unique().tolist()))[:10]
-        raise ValueError(
-            f"target has labels outside 0..{num_classes - 1} that are not the ignore label {ignore_index}: {values}"
-        )
+    if target.device.type == "cpu":  # reading host memory; on a device it would be a sync per call
+        num_classes = logits.shape[1]
+        bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+        if bad.any():
+            values = sorted(set(target[bad].unique().tolist()))[:10]
+            raise ValueError(
+                f"target has labels outside 0..{num_classes - 1} that are not the ignore label "
+                f"{ignore_index}: {values}"
+            )
     return logits.float(), target
+
+
+def _fp32(logits: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off around a loss; nothing to switch off on the meta device (shapes only, see the tests)."""
+    if logits.device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(logits.device.type, enabled=False)
 
 
 def _weights_on(weights: Tensor | None, num_classes: int, like: Tensor) -> Tensor | None:
@@ -133,7 +149,9 @@ def _weights_on(weights: Tensor | None, num_classes: int, like: Tensor) -> Tenso
 
 def _cross_entropy(logp: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
     valid = target != ignore_index
-    total = F.nll_loss(logp, target, weight=weight, ignore_index=ignore_index, reduction="sum")
+    # reduction="none" then a sum: nll_loss's own "sum"/"mean" has no deterministic CUDA kernel
+    # (train.deterministic=true would refuse it).
+    total = F.nll_loss(logp, target, weight=weight, ignore_index=ignore_index, reduction="none").sum()
     if weight is None:
         denom = valid.sum().to(logp.dtype)
     else:
@@ -158,13 +176,13 @@ def _dice_stats(probs: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     non-ignored pixels. Sums, so they add up exactly across ranks."""
     num_classes = probs.shape[1]
     valid = target != ignore_index
-    t = target.masked_fill(~valid, 0)
-    p_true = probs.gather(1, t.unsqueeze(1)).squeeze(1)  # probability of the true class
-    inter = torch.zeros(num_classes, dtype=probs.dtype, device=probs.device)
-    inter = inter.scatter_add(0, t[valid], p_true[valid])
+    t = target.masked_fill(~valid, 0).reshape(-1)  # ignored pixels add 0 to class 0 below
+    p_true = probs.gather(1, t.view(target.shape).unsqueeze(1)).reshape(-1)  # probability of the true class
+    inter = probs.new_zeros(num_classes).scatter_add(0, t, p_true * valid.reshape(-1))
     dims = [0, *range(2, probs.dim())]
-    psum = probs.sum(dims) if bool(valid.all()) else (probs * valid.unsqueeze(1)).sum(dims)
-    count = torch.bincount(t[valid], minlength=num_classes).to(probs.dtype)
+    psum = (probs * valid.unsqueeze(1)).sum(dims)
+    count = torch.zeros(num_classes, dtype=torch.long, device=probs.device)
+    count = count.scatter_add_(0, t, valid.reshape(-1).long()).to(probs.dtype)  # exact, as bincount
     return torch.stack([inter, psum, count])
 
 
@@ -192,20 +210,23 @@ def _dice_from_stats(stats: Tensor, weight: Tensor | None, smooth: float) -> Ten
 
 
 _ONE_BITS = 0x3F800000  # float32 1.0 as int32; for floats in [0, 1] the bit pattern is order-preserving
+_IGNORED_KEY = torch.iinfo(torch.int32).max  # above every (error, foreground) key: (0x3F800000 << 1) | 1
 
 
 class _LovaszSoftmax(torch.autograd.Function):
-    """Lovasz-softmax over the whole batch, classes="present", every present class in ONE sort.
+    """Lovasz-softmax over the whole batch, classes="present", every class row in ONE batched sort.
 
-    - The sort key packs (class, error descending, foreground bit) into an int64, so one flat sort (a radix
-      sort on CPU) orders all classes at once and the sorted foreground flags come out of the key.
+    - Static shapes: all C classes get a row; a class absent from the ground truth gets a zero gradient
+      and is left out of the mean by a mask, not by selecting rows (which would read the data back).
+    - Each row is sorted by a 32-bit key packing (error descending, foreground bit): one sort along the
+      rows of a [C, N] int32 tensor, so the sorted foreground flags come out of the key.
     - Ignored pixels are not compacted away: they get error 0 and the largest key, so they sort last in
       every row, after all the pixels that count, and their gradient is zeroed.
     - The Lovasz gradient uses the closed-form Jaccard increments (1/U_k for a foreground pixel,
       I_k / (U_{k-1} U_k) for a background one) instead of differences of nearly equal Jaccard values, so
       float32 stays accurate at millions of pixels.
-    - Few [K, N] buffers, reused in place: on CPU every tensor over glibc's 32 MB mmap threshold is
-      page-faulted afresh, which costs more than the arithmetic. The custom backward keeps one [K, N]
+    - Few [C, N] buffers, reused in place: on CPU every tensor over glibc's 32 MB mmap threshold is
+      page-faulted afresh, which costs more than the arithmetic. The custom backward keeps one [C, N]
       gradient instead of autograd's chain of temporaries.
     """
 
@@ -213,58 +234,49 @@ class _LovaszSoftmax(torch.autograd.Function):
     def forward(ctx, probs: Tensor, target: Tensor, ignore_index: int) -> Tensor:
         batch, num_classes, *spatial = probs.shape
         labels = target.reshape(-1)
+        n = labels.numel()
         valid = labels != ignore_index
-        num_valid = int(valid.sum())
-        counts = torch.bincount(labels[valid], minlength=num_classes)
-        present = counts.nonzero().squeeze(1)
-        k, n = present.numel(), labels.numel()
-        ctx.shape, ctx.present = probs.shape, present
-        if k == 0:  # every pixel ignored
-            ctx.grad = None
-            return probs.new_zeros(())
-        p = probs.detach().movedim(1, 0).index_select(0, present).reshape(k, n)  # [K, N], our own copy
-        fg = labels.unsqueeze(0) == present.unsqueeze(1)
+        p = torch.empty((num_classes, n), dtype=probs.dtype, device=probs.device)  # our own copy
+        p.view(num_classes, batch, *spatial).copy_(probs.detach().movedim(1, 0))
+        fg = labels.unsqueeze(0) == torch.arange(num_classes, device=labels.device).unsqueeze(1)
+        counts = fg.sum(1)  # ignored pixels match no class
+        present = counts > 0
+        num_present = present.sum().clamp_min(1).to(p.dtype)
         errors = p.neg_().add_(fg).abs_()  # |fg - p| in [0, 1], in place
-        key32 = _ONE_BITS - errors.float().view(torch.int32)  # descending error...
-        key32 <<= 1
-        key32 |= fg  # ...then the foreground bit
-        if num_valid < n:
-            errors.masked_fill_(~valid, 0.0)
-            key32.masked_fill_(~valid, torch.iinfo(torch.int32).max)  # ignored pixels last
-        key = key32.long()
-        del key32
-        key += (torch.arange(k, device=key.device) << 32).unsqueeze(1)
-        key, perm = key.view(-1).sort(stable=True)
+        key = _ONE_BITS - errors.float().view(torch.int32)  # descending error...
+        key <<= 1
+        key |= fg  # ...then the foreground bit
+        errors.masked_fill_(~valid, 0.0)
+        key.masked_fill_(~valid, _IGNORED_KEY)  # ignored pixels last
+        key, perm = key.sort(dim=1, stable=True)
+        ignored_sorted = key == _IGNORED_KEY
         key &= 1
-        fg_sorted = key.view(k, n).bool()
+        fg_sorted = key.bool()
         acc = torch.float32 if n < 2**24 else torch.float64  # integer counts stay exact
-        fg_seen = key.view(k, n).cumsum(1, dtype=acc)
+        fg_seen = key.cumsum(1, dtype=acc)
         del key
-        gts = counts[present].to(acc).unsqueeze(1)
+        gts = counts.to(acc).unsqueeze(1)
         union = torch.arange(1, n + 1, device=p.device, dtype=acc).add(gts).sub_(fg_seen)  # |gt u first k|
         inter = fg_seen.neg_().add_(gts)  # |gt minus the first k|
         step = (union - 1.0).clamp_min_(1.0).mul_(union)
         inter.div_(step)
         torch.where(fg_sorted, union.reciprocal_(), inter, out=step)
-        step[:, num_valid:] = 0.0  # the ignored tail
-        del inter, fg_sorted
-        grad = union.view(-1).scatter_(0, perm, step.view(-1)).view(k, n).to(p.dtype)  # pixel order
+        step.masked_fill_(ignored_sorted | ~present.unsqueeze(1), 0.0)  # the ignored tail, absent classes
+        del inter, fg_sorted, ignored_sorted
+        grad = union.scatter_(1, perm, step).to(p.dtype)  # pixel order
         del perm
         # Not torch.dot: BLAS accumulates naively, off by ~2e-5 at 1e6 pixels; sum() is pairwise.
-        loss = torch.mul(errors, grad, out=step if step.dtype == grad.dtype else None).sum() / k
+        loss = torch.mul(errors, grad, out=step if step.dtype == grad.dtype else None).sum() / num_present
         # d|fg - p|/dp is -1 on the foreground: signed = grad - 2 grad fg, divided by K for the mean.
-        signed = torch.addcmul(grad, grad, fg, value=-2.0, out=errors).div_(k)
-        ctx.grad = signed.view(k, batch, *spatial)
+        signed = torch.addcmul(grad, grad, fg, value=-2.0, out=errors).div_(num_present)
+        ctx.grad = signed.view(num_classes, batch, *spatial)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:
-        out = torch.zeros(ctx.shape, dtype=grad_out.dtype, device=grad_out.device)
-        if ctx.grad is not None:
-            out.transpose(0, 1).index_copy_(0, ctx.present, ctx.grad.to(out.dtype))
-            out.mul_(grad_out)
-        # The [K, N] buffer would live as long as the graph's last reference (the loss tensor the trainer
+        out = ctx.grad.movedim(0, 1).to(grad_out.dtype) * grad_out
+        # The [C, N] buffer would live as long as the graph's last reference (the loss tensor the trainer
         # still holds); once_differentiable means it is never needed again.
         ctx.grad = None
         return out, None, None
@@ -282,7 +294,7 @@ def cross_entropy(
 ) -> Tensor:
     """Mean cross-entropy over non-ignored pixels (class-weighted as torch does: divided by the summed
     weights of those pixels); 0 when all are ignored, where torch gives NaN."""
-    with torch.autocast(logits.device.type, enabled=False):
+    with _fp32(logits):
         x, t = _check_inputs(logits, target, ignore_index)
         w = _weights_on(weight, x.shape[1], x)
         return _cross_entropy(F.log_softmax(x, 1), t, w, ignore_index)
@@ -299,7 +311,7 @@ def focal_loss(
     gamma=0 is exactly `cross_entropy(weight=alpha)`."""
     if gamma < 0:
         raise ValueError(f"focal gamma must be >= 0, got {gamma}")
-    with torch.autocast(logits.device.type, enabled=False):
+    with _fp32(logits):
         x, t = _check_inputs(logits, target, ignore_index)
         a = _weights_on(alpha, x.shape[1], x)
         return _focal(F.log_softmax(x, 1), t, gamma, a, ignore_index)
@@ -319,7 +331,7 @@ def soft_dice_loss(
     `global_batch`: when torch.distributed is initialised, the per-class sums are all-reduced (with
     autograd) first, so every rank computes the Dice of the global batch; the value is the same on
     every rank."""
-    with torch.autocast(logits.device.type, enabled=False):
+    with _fp32(logits):
         x, t = _check_inputs(logits, target, ignore_index)
         w = _weights_on(class_weights, x.shape[1], x)
         stats = _dice_stats(F.softmax(x, 1), t, ignore_index)
@@ -331,7 +343,7 @@ def soft_dice_loss(
 def lovasz_softmax(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Lovasz-softmax (Berman et al. 2018) over the whole batch, averaged over the classes present in
     the ground truth; takes logits (the reference takes probabilities)."""
-    with torch.autocast(logits.device.type, enabled=False):
+    with _fp32(logits):
         x, t = _check_inputs(logits, target, ignore_index)
         return _lovasz(F.softmax(x, 1), t, ignore_index)
 
@@ -384,7 +396,7 @@ class CompositeLoss(nn.Module):
             raise ValueError(
                 f"logits have {logits.shape[1]} channels, the loss was built for {self.num_classes} classes"
             )
-        with torch.autocast(logits.device.type, enabled=False):
+        with _fp32(logits):
             x, t = _check_inputs(logits, target, self.ignore_index)
             logp = F.log_softmax(x, 1)
             probs = logp.exp() if self.weights["dice"] or self.weights["lovasz"] else None

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from modaseg.config import Config
-from modaseg.data import batches_per_epoch
+from modaseg.data import batches_per_epoch, epoch_samples
 from modaseg.files import write_json_atomic
 from modaseg.hardware import (
     FAULT_OOM_ENV,
@@ -109,8 +109,9 @@ def plan_run(
     speed from one timed forward/backward of the real model, loss and crop."""
     world = accelerator.num_processes
     info = manifest.splits["train"]
+    samples = epoch_samples(info.num_samples, info.class_images, cfg.data.repeat_threshold)
     num_batches = cfg.train.steps_per_epoch or batches_per_epoch(
-        info.num_samples, world, cfg.data.batch_size, cfg.optim.grad_accum
+        samples, world, cfg.data.batch_size, cfg.optim.grad_accum
     )
     saved = _saved_plan(Path(cfg.train.output_dir), cfg)
     micro, reason, seconds = _choose_micro_batch(

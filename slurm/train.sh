@@ -11,7 +11,8 @@
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=32
+# CPUs: GPUs x (data.workers + 1 training process) = 8 x (8 + 1) for configs/modanet.yaml
+#SBATCH --cpus-per-task=72
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
 #SBATCH --open-mode=append

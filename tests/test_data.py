@@ -281,6 +281,58 @@ def test_train_deterministic_in_seed_and_epoch(uneven):
     assert keys(run(0, 0, rank=1)) != keys(first)
 
 
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory) -> tuple[Path, Manifest]:
+    """13 train shards of 7 small samples (91), a few with the rare class 3."""
+    root = tmp_path_factory.mktemp("many")
+    key = iter(range(4000, 5000))
+    shards = [
+        [make_sample(k := next(key), [3] if k % 11 == 0 else [1 + k % 2], 32, 32) for _ in range(7)]
+        for _ in range(13)
+    ]
+    return root, build_shards(root, {"train": shards})
+
+
+@pytest.mark.parametrize(
+    ("world_size", "workers"),
+    [
+        (1, 0),
+        (1, 2),
+        pytest.param(8, 2, marks=pytest.mark.slow),
+        pytest.param(16, 0, marks=pytest.mark.slow),
+        pytest.param(32, 0, marks=pytest.mark.slow),
+    ],
+)
+def test_train_epoch_sees_every_sample_at_any_scale(many_shards, world_size, workers):
+    """Over all ranks and workers, an epoch of batches_per_epoch batches trains on every sample of the
+    split (the rest of the quota is padding), with the same batch count on every rank; also with
+    repeat-factor copies (repeat_threshold 0.3, the epoch sized by epoch_samples) and a batch size that
+    does not divide the split."""
+    root, manifest = many_shards
+    info = manifest.splits["train"]
+    everything = {str(k) for k in range(4000, 4091)}
+    for threshold, batch in ((0.0, 2), (0.3, 3)):
+        expected = D.epoch_samples(info.num_samples, info.class_images, threshold)
+        num_batches = D.batches_per_epoch(expected, world_size, batch, 1)
+        seen: list[str] = []
+        for rank in range(world_size):
+            batches = train_batches(
+                cfg(workers=workers, batch_size=batch, repeat_threshold=threshold, shuffle_buffer=4),
+                AugmentConfig(color_jitter_p=0),
+                manifest,
+                root,
+                rank=rank,
+                world_size=world_size,
+                seed=7,
+                epoch=2,
+                num_batches=num_batches,
+            )
+            assert len(batches) == num_batches
+            seen += keys(batches)
+        assert set(seen) == everything, sorted(everything - set(seen))
+        assert len(seen) == world_size * num_batches * batch
+
+
 def test_uint8_masks_carry_the_same_labels(uneven):
     root, manifest = uneven
     args = dict(rank=0, world_size=1, seed=0, epoch=0, num_batches=3)

@@ -466,3 +466,119 @@ def test_lovasz_releases_its_buffer_after_backward():
     assert node.grad is not None  # the custom function's context holds the buffer until backward
     loss.backward()
     assert node.grad is None
+
+
+# --------------------------------------------------------------------------- sync-free, deterministic
+
+
+class _OpAudit(torch.overrides.TorchFunctionMode):
+    """Every torch call made inside, with its keyword arguments and its tensor outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, dict, list[torch.Tensor]]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outs = [t for t in (out if isinstance(out, tuple | list) else (out,)) if isinstance(t, torch.Tensor)]
+        self.calls.append((getattr(func, "__name__", str(func)), kwargs, outs))
+        return out
+
+
+def test_composite_loss_runs_on_the_meta_device_so_it_never_reads_data_back():
+    """The meta device has shapes and no data: any host sync (`.any()`/`.item()` in a branch, boolean
+    indexing, nonzero, bincount) raises there. Forward and backward of every component must run, so the
+    training step can be compiled and CUDA-graphed without a sync per micro-batch."""
+    loss = CompositeLoss(composite_cfg(), C, torch.linspace(0.5, 2.0, C)).to("meta")
+    logits = torch.empty(2, C, 12, 16, device="meta", requires_grad=True)
+    target = torch.empty(2, 12, 16, dtype=torch.long, device="meta")
+    total, parts = loss(logits, target)
+    assert set(parts) == {"ce", "focal", "dice", "lovasz"} and total.shape == ()
+    total.backward()
+    assert logits.grad.shape == logits.shape
+
+
+def test_lovasz_sorts_32_bit_keys_per_class_row():
+    """One sort along the rows of a [C, N] int32 key (no [C*N] int64 keys or flat sort): the only int64
+    tensor of C*N elements is the sort's permutation."""
+    logits, target = make_batch(21, b=2, h=24, w=20)
+    n = target.numel()
+    with _OpAudit() as audit:
+        lovasz_softmax(logits.float(), target)
+    sorts = [(kw, outs) for name, kw, outs in audit.calls if name == "sort"]
+    assert len(sorts) == 1
+    kwargs, (values, indices) = sorts[0]
+    assert kwargs.get("dim") == 1 and values.dtype == torch.int32 and values.shape == (C, n)
+    wide = [
+        o
+        for _, _, outs in audit.calls
+        for o in outs
+        if o.dtype == torch.int64 and o.numel() >= C * n and o is not indices
+    ]
+    assert wide == []
+
+
+def test_cross_entropy_uses_no_reduction_without_a_deterministic_cuda_kernel():
+    """nll_loss with reduction "sum"/"mean" has no deterministic CUDA kernel (train.deterministic=true
+    refuses it there): the loss sums reduction="none" itself. The GPU test below runs it on CUDA."""
+    logits, target = make_batch(22)
+    weights = torch.linspace(0.5, 2.0, C)
+    with _OpAudit() as audit:
+        value = cross_entropy(logits, target, weights)
+        CompositeLoss(composite_cfg(), C, weights)(logits, target)
+    reductions = {kw.get("reduction", "mean") for name, kw, _ in audit.calls if name == "nll_loss"}
+    assert reductions == {"none"}
+    expected = F.cross_entropy(logits, target, weight=weights.double(), ignore_index=IGNORE)
+    assert rel_close(value, expected, 1e-6)
+
+
+GPU_LOSS_SCRIPT = """
+import torch
+from modaseg.config import LossConfig
+from modaseg.losses import CompositeLoss
+torch.use_deterministic_algorithms(True)
+cfg = LossConfig(ce=0.5, focal=1.0, dice=0.7, lovasz=0.3)
+g = torch.Generator().manual_seed(0)
+logits = torch.randn(4, 14, 96, 64, generator=g, dtype=torch.float32) * 3
+target = torch.randint(0, 14, (4, 96, 64), generator=g)
+target[:, :8] = 255
+weights = torch.linspace(0.5, 2.0, 14)
+results = []
+for device in ("cpu", "cuda"):
+    x = logits.to(device).requires_grad_()
+    loss = CompositeLoss(cfg, 14, weights).to(device)
+    t = target.to(device)
+    loss(x, t)  # warm-up: first calls may allocate and sync
+    x.grad = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+    total, parts = loss(x, t)
+    total.backward()
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode(0)
+    results.append((total.detach().cpu(), x.grad.cpu()))
+(a, ga), (b, gb) = results
+torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+def test_composite_loss_on_cuda_is_sync_free_deterministic_and_equals_cpu():
+    """On a GPU: under torch.use_deterministic_algorithms(True) and torch.cuda.set_sync_debug_mode("error")
+    the composite loss's forward and backward run (no non-deterministic kernel, no host sync) and equal
+    the CPU's."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, gpu_env, require_gpus
+
+    require_gpus(1)
+    env = gpu_env(PYTHONPATH=str(ROOT), CUBLAS_WORKSPACE_CONFIG=":4096:8")
+    result = subprocess.run(
+        [sys.executable, "-c", GPU_LOSS_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

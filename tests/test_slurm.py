@@ -218,3 +218,15 @@ def test_scripts_refuse_to_run_outside_slurm():
             ["bash", script, "configs/tiny.yaml"], cwd=ROOT, env=env, capture_output=True, text=True
         )
         assert r.returncode == 2 and "submit with sbatch" in r.stderr, (script, r.stderr)
+
+
+def test_default_cpus_cover_every_gpu_process_and_its_data_workers():
+    """The script's #SBATCH defaults give each GPU's training process a core and each of its
+    data-loader workers (configs/modanet.yaml's data.workers) one: fewer oversubscribe the node."""
+    text = (ROOT / "slurm" / "train.sh").read_text()
+    defaults = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)$", text, re.MULTILINE))
+    workers = load_config(str(ROOT / "configs" / "modanet.yaml"), []).data.workers
+    assert isinstance(workers, int)
+    assert int(defaults["cpus-per-task"]) >= int(defaults["gpus-per-node"]) * (workers + 1)
+    readme = (ROOT / "slurm" / "README.md").read_text()
+    assert f"`--cpus-per-task={defaults['cpus-per-task']}`" in readme
