@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -172,7 +173,7 @@ def cuda_problem() -> CudaProblem | None:
     arches = torch.cuda.get_arch_list()
     for index in range(torch.cuda.device_count()):
         major, minor = torch.cuda.get_device_capability(index)
-        if arches and not any(a.endswith(f"_{major}{minor}") or a == f"sm_{major}{minor}" for a in arches):
+        if arches and not has_kernels_for(arches, major, minor):
             name = torch.cuda.get_device_name(index)
             return CudaProblem(
                 f"GPU {index} ({name}, sm_{major}{minor}) is not supported by this torch build "
@@ -180,6 +181,27 @@ def cuda_problem() -> CudaProblem | None:
                 CUDA12_HINT,
             )
     return None
+
+
+def has_kernels_for(arches: list[str], major: int, minor: int) -> bool:
+    """Whether a torch build compiled for `arches` (torch.cuda.get_arch_list()) runs on a GPU of compute
+    capability major.minor. Binary code for sm_XY runs on any GPU of the same major and a minor >= Y (so an
+    Ada sm_89 runs sm_86 or sm_80 code); PTX (compute_XY) is compiled by the driver for any capability
+    >= X.Y; arch-specific code (sm_90a) runs on exactly that capability."""
+    for arch in arches:
+        found = re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", arch)
+        if found is None:
+            continue
+        kind, have = found.group(1), (int(found.group(2)), int(found.group(3)))
+        if found.group(4) == "a":
+            ok = have == (major, minor)
+        elif kind == "compute":
+            ok = have <= (major, minor)
+        else:
+            ok = have[0] == major and have[1] <= minor
+        if ok:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
