@@ -395,15 +395,41 @@ def probe_step(
             p.grad = None
 
 
+# What cuDNN, cuBLAS and the CUDA runtime say when they cannot allocate their workspace: raised as a plain
+# RuntimeError, not torch.OutOfMemoryError, but a micro-batch too large for the device all the same.
+ALLOCATION_FAILURES = (
+    "CUDNN_STATUS_",  # ALLOC_FAILED, and NOT_SUPPORTED/INTERNAL_ERROR when no algorithm's workspace fits
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDA error: out of memory",
+)
+
+
+def is_allocation_failure(error: BaseException) -> bool:
+    """A RuntimeError that means the device ran out of memory (see ALLOCATION_FAILURES)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(s in str(error) for s in ALLOCATION_FAILURES)
+    )
+
+
+def device_identity(device: torch.device) -> str:
+    """What a micro-batch found to fit depends on: the GPU model and its memory (or the CPU)."""
+    if device.type != "cuda":
+        return device.type
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.name}, {props.total_memory / 2**30:.1f} GiB"
+
+
 def fits_in_memory(device: torch.device, step: Callable[[], float]) -> tuple[bool, float | None]:
-    """Run `step` with out-of-memory errors caught; on CUDA also require the peak to stay under
+    """Run `step` with out-of-memory errors (and cuDNN/cuBLAS allocation failures) caught; on CUDA also require the peak to stay under
     MEMORY_MARGIN of the device's memory. Frees what the try left behind either way."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
         seconds = step()
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:  # torch.OutOfMemoryError included
+        if not is_allocation_failure(e):
+            raise
         ok, seconds = False, None
     else:
         ok = True

@@ -20,6 +20,7 @@ from modaseg.hardware import (
     MicroBatchError,
     choose_device,
     divisors,
+    fits_in_memory,
     gpu_requested,
     has_kernels_for,
     local_processes,
@@ -269,3 +270,34 @@ def test_device_auto_takes_an_ada_gpu(monkeypatch, capability, device):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA L4")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert choose_device("auto").type == device
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+        "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.",
+        "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR",
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+        "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported",
+    ],
+)
+def test_cudnn_and_cublas_allocation_failures_do_not_fit(message):
+    """What cuDNN, cuBLAS and the CUDA runtime raise (a plain RuntimeError) when a micro-batch's workspace
+    does not fit counts as out of memory: the search goes on with a smaller one."""
+    import torch
+
+    def step() -> float:
+        raise RuntimeError(message)
+
+    assert fits_in_memory(torch.device("cpu"), step) == (False, None)
+
+
+def test_other_errors_of_a_probe_step_are_not_taken_for_out_of_memory():
+    import torch
+
+    def step() -> float:
+        raise RuntimeError("Given groups=1, weight of size [64, 3, 7, 7], expected input to have 3 channels")
+
+    with pytest.raises(RuntimeError, match="expected input"):
+        fits_in_memory(torch.device("cpu"), step)
