@@ -614,6 +614,23 @@ def test_micro_batch_auto_splits_the_batch_when_memory_runs_out(shard_dir, tmp_p
     assert resumed["micro_batch"] == 1 and resumed["micro_batch_reason"] == "as planned when the run started"
 
 
+@MULTI
+def test_compiled_model_under_ddp_saves_plain_weights_resumes_and_tests_the_best(shard_dir, tmp_path):
+    """model.compile=true with 2 processes: DDP wraps the plain module and torch.compile the DDP module, so
+    checkpoints and exports hold SMP's own names (no `_orig_mod.`), a resumed run accepts the checkpoint,
+    and the final test loads best/ into the model."""
+    run_dir = tmp_path / "run"
+    common = ["model.compile=true", "train.steps_per_epoch=1", "train.overlay_samples=0"]
+    assert_ok(run_training(run_dir, shard_dir, *common, "train.epochs=1"))
+    (checkpoint,) = list_checkpoints(run_dir)
+    for saved in (checkpoint / "model.safetensors", run_dir / "best" / "model.safetensors"):
+        assert not [k for k in load_file(str(saved)) if "_orig_mod" in k or k.startswith("module.")], saved
+    assert_ok(run_training(run_dir, shard_dir, *common, "train.epochs=2", "train.resume=auto"))
+    assert f"resumed from {checkpoint} (epoch 1, batch 0" in (run_dir / "train.log").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["tested_model"].startswith("best checkpoint")
+
+
 @pytest.mark.parametrize(
     "how", ["train.device=cuda", "CUDA_VISIBLE_DEVICES=0", "SLURM_GPUS_ON_NODE=1", "gpu-1.yaml"]
 )
