@@ -315,6 +315,7 @@ def plan_workers(
 # ---------------------------------------------------------------------------------------------- micro-batch
 
 FAULT_OOM_ENV = "MODASEG_FAULT_OOM_ABOVE"  # fault injection: a probe step above this micro-batch raises OOM
+FAULT_OOM_RANK_ENV = "MODASEG_FAULT_OOM_RANK"  # ... on this rank only (unset: on every rank)
 MEMORY_MARGIN = 0.9  # a micro-batch fits when its peak stays under this fraction of the device memory
 
 
@@ -375,7 +376,8 @@ def probe_step(
     returns its seconds. Raises torch.OutOfMemoryError when it does not fit (or when the fault-injection
     variable says so). Leaves no gradient behind; the caller restores BatchNorm statistics."""
     limit = os.environ.get(FAULT_OOM_ENV, "")
-    if limit.strip() and micro > int(limit):
+    only = os.environ.get(FAULT_OOM_RANK_ENV, "").strip()
+    if limit.strip() and micro > int(limit) and only in ("", os.environ.get("RANK", "0")):
         raise torch.OutOfMemoryError(f"injected by {FAULT_OOM_ENV}={limit}: micro-batch {micro}")
     gen = torch.Generator().manual_seed(micro)  # its own generator: the global RNG stays untouched
     h, w = crop

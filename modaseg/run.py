@@ -290,6 +290,11 @@ def build_run(cfg: Config) -> Run:
         cpu=device.type == "cpu", mixed_precision=precision.mode, kwargs_handlers=[timeout]
     )
     setup_logging(accelerator.is_main_process, accelerator.process_index)
+    if cfg.model.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cpu":
+        raise ConfigError(  # raised by every rank alike, before any collective
+            "model.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel): set "
+            "model.sync_batchnorm=false for CPU processes"
+        )
     log_file = DeferredLogFile() if accelerator.is_main_process else None
     warn_empty_splits(manifest)
     stop = StopRequest()
