@@ -34,9 +34,19 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def bare_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """The module without DDP and torch.compile wrappers: its state dict has the plain SMP keys."""
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
+def bare_model(accelerator: Accelerator | None, model: torch.nn.Module) -> torch.nn.Module:
+    """The module without DDP and torch.compile wrappers, in whichever order they were put on: its state
+    dict has the plain SMP keys, and it runs eagerly (validation sizes vary: no recompilation per size).
+    accelerate's unwrap_model(keep_torch_compile=False) strips compile only when it is the outermost
+    wrapper, and returns the compiled module from inside DDP (`_orig_mod.` keys)."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, wrappers):
+            model = model.module
+        else:
+            return model
 
 
 def broadcast_from_main(accelerator: Accelerator, value: Any) -> Any:

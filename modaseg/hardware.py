@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -172,7 +173,7 @@ def cuda_problem() -> CudaProblem | None:
     arches = torch.cuda.get_arch_list()
     for index in range(torch.cuda.device_count()):
         major, minor = torch.cuda.get_device_capability(index)
-        if arches and not any(a.endswith(f"_{major}{minor}") or a == f"sm_{major}{minor}" for a in arches):
+        if arches and not has_kernels_for(arches, major, minor):
             name = torch.cuda.get_device_name(index)
             return CudaProblem(
                 f"GPU {index} ({name}, sm_{major}{minor}) is not supported by this torch build "
@@ -180,6 +181,27 @@ def cuda_problem() -> CudaProblem | None:
                 CUDA12_HINT,
             )
     return None
+
+
+def has_kernels_for(arches: list[str], major: int, minor: int) -> bool:
+    """Whether a torch build compiled for `arches` (torch.cuda.get_arch_list()) runs on a GPU of compute
+    capability major.minor. Binary code for sm_XY runs on any GPU of the same major and a minor >= Y (so an
+    Ada sm_89 runs sm_86 or sm_80 code); PTX (compute_XY) is compiled by the driver for any capability
+    >= X.Y; arch-specific code (sm_90a) runs on exactly that capability."""
+    for arch in arches:
+        found = re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", arch)
+        if found is None:
+            continue
+        kind, have = found.group(1), (int(found.group(2)), int(found.group(3)))
+        if found.group(4) == "a":
+            ok = have == (major, minor)
+        elif kind == "compute":
+            ok = have <= (major, minor)
+        else:
+            ok = have[0] == major and have[1] <= minor
+        if ok:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -293,6 +315,7 @@ def plan_workers(
 # ---------------------------------------------------------------------------------------------- micro-batch
 
 FAULT_OOM_ENV = "MODASEG_FAULT_OOM_ABOVE"  # fault injection: a probe step above this micro-batch raises OOM
+FAULT_OOM_RANK_ENV = "MODASEG_FAULT_OOM_RANK"  # ... on this rank only (unset: on every rank)
 MEMORY_MARGIN = 0.9  # a micro-batch fits when its peak stays under this fraction of the device memory
 
 
@@ -353,7 +376,8 @@ def probe_step(
     returns its seconds. Raises torch.OutOfMemoryError when it does not fit (or when the fault-injection
     variable says so). Leaves no gradient behind; the caller restores BatchNorm statistics."""
     limit = os.environ.get(FAULT_OOM_ENV, "")
-    if limit.strip() and micro > int(limit):
+    only = os.environ.get(FAULT_OOM_RANK_ENV, "").strip()
+    if limit.strip() and micro > int(limit) and only in ("", os.environ.get("RANK", "0")):
         raise torch.OutOfMemoryError(f"injected by {FAULT_OOM_ENV}={limit}: micro-batch {micro}")
     gen = torch.Generator().manual_seed(micro)  # its own generator: the global RNG stays untouched
     h, w = crop
@@ -373,15 +397,41 @@ def probe_step(
             p.grad = None
 
 
+# What cuDNN, cuBLAS and the CUDA runtime say when they cannot allocate their workspace: raised as a plain
+# RuntimeError, not torch.OutOfMemoryError, but a micro-batch too large for the device all the same.
+ALLOCATION_FAILURES = (
+    "CUDNN_STATUS_",  # ALLOC_FAILED, and NOT_SUPPORTED/INTERNAL_ERROR when no algorithm's workspace fits
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDA error: out of memory",
+)
+
+
+def is_allocation_failure(error: BaseException) -> bool:
+    """A RuntimeError that means the device ran out of memory (see ALLOCATION_FAILURES)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(s in str(error) for s in ALLOCATION_FAILURES)
+    )
+
+
+def device_identity(device: torch.device) -> str:
+    """What a micro-batch found to fit depends on: the GPU model and its memory (or the CPU)."""
+    if device.type != "cuda":
+        return device.type
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.name}, {props.total_memory / 2**30:.1f} GiB"
+
+
 def fits_in_memory(device: torch.device, step: Callable[[], float]) -> tuple[bool, float | None]:
-    """Run `step` with out-of-memory errors caught; on CUDA also require the peak to stay under
+    """Run `step` with out-of-memory errors (and cuDNN/cuBLAS allocation failures) caught; on CUDA also require the peak to stay under
     MEMORY_MARGIN of the device's memory. Frees what the try left behind either way."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
         seconds = step()
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:  # torch.OutOfMemoryError included
+        if not is_allocation_failure(e):
+            raise
         ok, seconds = False, None
     else:
         ok = True

@@ -13,6 +13,7 @@ SMP's; they are matched by position with every shape checked (`load_encoder_weig
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -252,13 +253,35 @@ def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> None:
     model.encoder.load_state_dict(mapped, strict=True)
 
 
+@functools.cache
+def _normalization_tensors(normalization: Normalization, device: torch.device) -> tuple[torch.Tensor, ...]:
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable inside and outside autograd
+        return tuple(
+            torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+            for v in (normalization.mean, normalization.std)
+        )
+
+
+def normalization_tensors(normalization: Normalization, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(mean, std) as [1,3,1,1] float32 tensors on `device`, built once per device: building them per
+    batch copied them host->device on every micro-batch, a synchronising copy on a GPU. Not cached while
+    tracing an export (the graph holds them as constants of its own)."""
+    if torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.compiler.is_compiling():
+        return tuple(
+            torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+            for v in (normalization.mean, normalization.std)
+        )
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _normalization_tensors(normalization, device)
+
+
 def preprocess(
     images: torch.Tensor, normalization: Normalization = IMAGENET, channels_last: bool = False
 ) -> torch.Tensor:
     """uint8 [B,3,H,W] on any device -> float32 normalised with the encoder's input statistics."""
     x = images.float().div_(255.0)
-    mean = torch.tensor(normalization.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(normalization.std, device=x.device).view(1, 3, 1, 1)
+    mean, std = normalization_tensors(normalization, x.device)
     x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -17,11 +18,13 @@ from torch import nn
 
 from modaseg.config import Config
 from modaseg.data import batches_per_epoch, epoch_samples
+from modaseg.distributed import any_rank
 from modaseg.files import write_json_atomic
 from modaseg.hardware import (
     FAULT_OOM_ENV,
     MicroBatchError,
     Precision,
+    device_identity,
     fits_in_memory,
     plan_workers,
     probe_step,
@@ -30,6 +33,7 @@ from modaseg.hardware import (
 from modaseg.manifest import Manifest
 
 PLAN_NAME = "plan.json"
+log = logging.getLogger("modaseg")
 
 
 @dataclass
@@ -38,6 +42,7 @@ class Plan:
     (a resumed run reuses its micro-batch and workers)."""
 
     device: str
+    hardware: str  # the GPU model and memory (or "cpu") the micro-batch was planned for
     precision: str  # fp32, bf16 or fp16
     precision_reason: str
     processes: int
@@ -113,7 +118,10 @@ def plan_run(
     num_batches = cfg.train.steps_per_epoch or batches_per_epoch(
         samples, world, cfg.data.batch_size, cfg.optim.grad_accum
     )
-    saved = _saved_plan(Path(cfg.train.output_dir), cfg)
+    hardware = device_identity(accelerator.device)
+    saved = _saved_plan(Path(cfg.train.output_dir), cfg, hardware)
+    if any_rank(saved is None, accelerator.device):  # every rank reuses it, or every rank plans afresh
+        saved = None
     micro, reason, seconds = _choose_micro_batch(
         cfg, accelerator, model, loss_fn, manifest.num_classes, saved
     )
@@ -129,6 +137,7 @@ def plan_run(
         workers, workers_reason = plan_workers(None if rate is None else rate / world)
     return Plan(
         device=f"{accelerator.device} ({device_reason})",
+        hardware=hardware,
         precision=precision.label,
         precision_reason=precision.reason,
         processes=world,
@@ -145,13 +154,22 @@ def plan_run(
     )
 
 
-def _saved_plan(run_dir: Path, cfg: Config) -> dict | None:
-    """The plan of the run being resumed, if it was made for the same per-process batch."""
+def _saved_plan(run_dir: Path, cfg: Config, hardware: str) -> dict | None:
+    """The plan of the run being resumed, if it was made for the same per-process batch on the same
+    device (GPU model and memory): a micro-batch that fit one GPU may not fit another."""
     try:
         saved = json.loads((run_dir / PLAN_NAME).read_text())
     except (OSError, ValueError):
         return None
     if cfg.train.resume == "none" or saved.get("batch_size") != cfg.data.batch_size:
+        return None
+    if saved.get("hardware") != hardware:
+        log.info(
+            "%s was planned on %s, this run is on %s: planning the micro-batch and workers again",
+            PLAN_NAME,
+            saved.get("hardware", "an unrecorded device"),
+            hardware,
+        )
         return None
     return saved
 

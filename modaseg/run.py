@@ -308,6 +308,11 @@ def build_run(cfg: Config) -> Run:
         cpu=device.type == "cpu", mixed_precision=precision.mode, kwargs_handlers=[timeout]
     )
     setup_logging(accelerator.is_main_process, accelerator.process_index)
+    if cfg.model.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cpu":
+        raise ConfigError(  # raised by every rank alike, before any collective
+            "model.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel): set "
+            "model.sync_batchnorm=false for CPU processes"
+        )
     log_file = DeferredLogFile() if accelerator.is_main_process else None
     warn_empty_splits(manifest)
     stop = StopRequest()
@@ -317,8 +322,6 @@ def build_run(cfg: Config) -> Run:
         log.info("CPU run: glibc malloc keeps large buffers in the heap (mmap/trim thresholds raised)")
 
     model = build_model(cfg.model, manifest.num_classes).to(accelerator.device)
-    if cfg.model.sync_batchnorm and accelerator.num_processes > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     train_info = manifest.splits["train"]
     weights = class_weights(
         train_info.class_pixels,
@@ -330,11 +333,15 @@ def build_run(cfg: Config) -> Run:
     loss_fn = CompositeLoss(
         cfg.loss, manifest.num_classes, weights.to(accelerator.device), manifest.ignore_index
     )
+    # The micro-batch probes run on the plain model: with SyncBatchNorm, a rank that runs out of memory
+    # would leave the others waiting in a BatchNorm all-reduce; the ranks agree on the result after.
     plan = plan_run(cfg, accelerator, model, loss_fn, manifest, precision, determinism, device.reason)
-    if cfg.model.compile:
-        model = torch.compile(model)
+    if cfg.model.sync_batchnorm and accelerator.num_processes > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)  # never the loader: see data.py
+    if cfg.model.compile:  # after DDP wraps the plain module: its all-reduce overlaps backward
+        model = torch.compile(model)
     average = None
     if cfg.train.ema_decay:
         average = WeightAverage(bare_model(accelerator, model), cfg.train.ema_decay)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from modaseg.config import OptimConfig
 from modaseg.console import UserError
+from modaseg.distributed import bare_model
 from modaseg.model import Normalization, preprocess
 
 FAULT_NAN_ENV = "MODASEG_FAULT_NAN_BATCHES"  # drills: comma-separated global batch indices whose loss is NaN
@@ -199,13 +200,31 @@ def set_train_mode(model: nn.Module, freeze_batchnorm: bool) -> None:
 
 def check_buffers_finite(model: nn.Module, where: str) -> None:
     """A skipped update undoes nothing the forward pass wrote: NaN activations leave NaN BatchNorm
-    statistics, and the model is unusable from there."""
-    for name, buffer in model.named_buffers():
-        if buffer.is_floating_point() and not torch.isfinite(buffer).all():
-            raise TrainingDiverged(
-                f"{name} became non-finite at {where}: the model is unusable from here; resume from the last "
-                "checkpoint with a lower optim.lr (or optim.mixed_precision=bf16 instead of fp16)"
-            )
+    statistics, and the model is unusable from there. Collective (every rank calls it at the same update):
+    the ranks hold their own statistics, so they agree on the first non-finite one and all stop with the
+    same error; a rank stopping alone would be killed by the launcher with the reason unsaid."""
+    bare = bare_model(None, model)
+    local = next(
+        (
+            name
+            for name, buffer in bare.named_buffers()
+            if buffer.is_floating_point() and not torch.isfinite(buffer).all()
+        ),
+        None,
+    )
+    found = [(0, local)]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        names: list[str | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(names, local)
+        found = list(enumerate(names))
+    bad = [(rank, name) for rank, name in found if name is not None]
+    if bad:
+        rank, name = bad[0]
+        ranks = "" if len(found) == 1 else f" on rank {rank} ({len(bad)} of {len(found)} ranks)"
+        raise TrainingDiverged(
+            f"{name} became non-finite{ranks} at {where}: the model is unusable from here; resume from the "
+            "last checkpoint with a lower optim.lr (or optim.mixed_precision=bf16 instead of fp16)"
+        )
 
 
 class TrainingDiverged(UserError, RuntimeError):

@@ -20,7 +20,9 @@ from modaseg.hardware import (
     MicroBatchError,
     choose_device,
     divisors,
+    fits_in_memory,
     gpu_requested,
+    has_kernels_for,
     local_processes,
     plan_workers,
     search_micro_batch,
@@ -226,3 +228,76 @@ def test_micro_batch_search_on_a_real_gpu():
     assert int(tries) >= 2
     # Only the model and loss stay: no activation of a probe is left behind.
     assert int(allocated) < 200 * 2**20
+
+
+# torch.cuda.get_arch_list() of a CUDA 13 build of torch 2.14 (no sm_89: Ada runs the sm_86/sm_80 code)
+CUDA13_ARCHES = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_110", "sm_120", "compute_120"]
+
+
+@pytest.mark.parametrize(
+    ("arches", "capability", "ok"),
+    [
+        (CUDA13_ARCHES, (8, 9), True),  # L4, L40S: same major, lower minor present
+        (CUDA13_ARCHES, (8, 0), True),  # A100: exact
+        (CUDA13_ARCHES, (12, 1), True),  # sm_120 binary code runs on 12.1
+        (CUDA13_ARCHES, (7, 0), False),  # V100: no sm_70 and no PTX old enough
+        (CUDA13_ARCHES, (13, 0), True),  # a newer major runs the compute_120 PTX
+        (["sm_75", "sm_80", "sm_86", "sm_90"], (13, 0), False),  # no PTX: a newer major has no kernels
+        (["sm_86"], (8, 0), False),  # code for a higher minor does not run on a lower one
+        (["sm_90a"], (9, 0), True),  # arch-specific code: that capability only
+        (["sm_90a"], (9, 1), False),
+        (["compute_70"], (8, 6), True),  # PTX is compiled for any newer GPU
+    ],
+)
+def test_has_kernels_for_follows_cuda_compatibility(arches, capability, ok):
+    assert has_kernels_for(arches, *capability) is ok
+
+
+@pytest.mark.parametrize(("capability", "device"), [((8, 9), "cuda"), ((7, 0), "cpu")])
+def test_device_auto_takes_an_ada_gpu(monkeypatch, capability, device):
+    """device=auto with a usable driver and a GPU of `capability` on a CUDA 13 build (the device queries
+    answered as such a machine would): Ada (sm_89) trains on the GPU, a V100 (sm_70) falls back to CPU."""
+    import torch
+
+    import modaseg.hardware as hardware
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(hardware, "cuda_driver_version", lambda: (13, 0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: CUDA13_ARCHES)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA L4")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert choose_device("auto").type == device
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+        "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.",
+        "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR",
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+        "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported",
+    ],
+)
+def test_cudnn_and_cublas_allocation_failures_do_not_fit(message):
+    """What cuDNN, cuBLAS and the CUDA runtime raise (a plain RuntimeError) when a micro-batch's workspace
+    does not fit counts as out of memory: the search goes on with a smaller one."""
+    import torch
+
+    def step() -> float:
+        raise RuntimeError(message)
+
+    assert fits_in_memory(torch.device("cpu"), step) == (False, None)
+
+
+def test_other_errors_of_a_probe_step_are_not_taken_for_out_of_memory():
+    import torch
+
+    def step() -> float:
+        raise RuntimeError("Given groups=1, weight of size [64, 3, 7, 7], expected input to have 3 channels")
+
+    with pytest.raises(RuntimeError, match="expected input"):
+        fits_in_memory(torch.device("cpu"), step)

@@ -216,3 +216,41 @@ def test_parameters_the_unet_never_uses_are_frozen_for_ddp():
     assert frozen == ["encoder.bn2.bias", "encoder.bn2.weight", "encoder.conv_head.weight"]
     assert "encoder.conv_head.weight" in model.state_dict()
     assert all(p.requires_grad for p in build_model(ModelConfig(encoder="resnet18"), 14).parameters())
+
+
+def test_normalization_tensors_are_built_once_per_device():
+    """preprocess runs per micro-batch: its mean/std are made once per device, not copied host->device
+    each time (a synchronising copy on a GPU), and give the documented (rgb / 255 - mean) / std."""
+    from modaseg.model import IMAGENET, INCEPTION, normalization_tensors, preprocess
+
+    cpu = torch.device("cpu")
+    first = normalization_tensors(IMAGENET, cpu)
+    assert all(a is b for a, b in zip(first, normalization_tensors(IMAGENET, cpu), strict=True))
+    assert normalization_tensors(INCEPTION, cpu)[0] is not first[0]
+    images = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    with torch.inference_mode():  # the cache made under inference mode still serves autograd code after
+        preprocess(images, INCEPTION)
+    expected = (images.float() / 255 - torch.tensor(IMAGENET.mean).view(1, 3, 1, 1)) / torch.tensor(
+        IMAGENET.std
+    ).view(1, 3, 1, 1)
+    torch.testing.assert_close(preprocess(images, IMAGENET), expected)
+    weight = torch.ones(1, requires_grad=True)
+    (preprocess(images, INCEPTION) * weight).sum().backward()
+
+
+@pytest.mark.gpu
+def test_preprocess_on_a_gpu_does_not_synchronise():
+    """After the first batch, preprocess of a uint8 batch already on the GPU makes no synchronising call
+    (torch.cuda.set_sync_debug_mode raises on one)."""
+    from conftest import require_gpus
+
+    from modaseg.model import IMAGENET, preprocess
+
+    require_gpus(1)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8).cuda()
+    preprocess(images, IMAGENET)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        preprocess(images, IMAGENET)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from modaseg.checkpoint import checkpoint_root, list_checkpoints, read_state
 from modaseg.config import load_config
 from modaseg.distributed import EXIT_REQUEUE
-from modaseg.hardware import FAULT_OOM_ENV
+from modaseg.hardware import FAULT_OOM_ENV, FAULT_OOM_RANK_ENV
 from modaseg.plan import PLAN_NAME
 from modaseg.step import FAULT_NAN_ENV
 
@@ -398,8 +398,9 @@ MISSING = "MISSING"  # replaced by a path that does not exist
             "optim.mixed_precision=fp16",
             "optim.mixed_precision=fp16: fp16 mixed precision needs a CUDA device",
         ),
+        ("model.sync_batchnorm=true", "model.sync_batchnorm=true needs GPUs"),
     ],
-    ids=["typo", "type", "shards", "resume", "encoder", "fp16-on-cpu"],
+    ids=["typo", "type", "shards", "resume", "encoder", "fp16-on-cpu", "sync-batchnorm-on-cpu"],
 )
 def test_user_errors_under_the_launcher_are_one_line_from_rank_0(shard_dir, tmp_path, override, message):
     missing = str(tmp_path / "missing")
@@ -614,26 +615,83 @@ def test_micro_batch_auto_splits_the_batch_when_memory_runs_out(shard_dir, tmp_p
     assert resumed["micro_batch"] == 1 and resumed["micro_batch_reason"] == "as planned when the run started"
 
 
+@MULTI
+def test_compiled_model_under_ddp_saves_plain_weights_resumes_and_tests_the_best(shard_dir, tmp_path):
+    """model.compile=true with 2 processes: DDP wraps the plain module and torch.compile the DDP module, so
+    checkpoints and exports hold SMP's own names (no `_orig_mod.`), a resumed run accepts the checkpoint,
+    and the final test loads best/ into the model."""
+    run_dir = tmp_path / "run"
+    common = ["model.compile=true", "train.steps_per_epoch=1", "train.overlay_samples=0"]
+    assert_ok(run_training(run_dir, shard_dir, *common, "train.epochs=1"))
+    (checkpoint,) = list_checkpoints(run_dir)
+    for saved in (checkpoint / "model.safetensors", run_dir / "best" / "model.safetensors"):
+        assert not [k for k in load_file(str(saved)) if "_orig_mod" in k or k.startswith("module.")], saved
+    assert_ok(run_training(run_dir, shard_dir, *common, "train.epochs=2", "train.resume=auto"))
+    assert f"resumed from {checkpoint} (epoch 1, batch 0" in (run_dir / "train.log").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["tested_model"].startswith("best checkpoint")
+
+
+@pytest.mark.gpu
+def test_sync_batchnorm_probe_with_one_rank_out_of_memory_agrees_without_hanging(shard_dir, tmp_path):
+    """model.sync_batchnorm=true on 2 GPUs, and only rank 1 runs out of memory above a micro-batch of 1:
+    the probes make no collective (no SyncBatchNorm yet), so rank 0 never waits in a BatchNorm all-reduce
+    that rank 1 does not make; both then train with the smallest micro-batch any rank found. (SyncBatchNorm
+    has no CPU kernel: on CPU processes the setting is refused with one line, tested above.)"""
+    require_gpus(2)
+    run_dir = tmp_path / "run"
+    cmd = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--config_file",
+        str(ROOT / "launch" / "gpu-8.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        *training_cmd(run_dir, shard_dir)[len(accelerate_cmd()) :],
+        "train.device=cuda",
+        "model.sync_batchnorm=true",
+        "data.batch_size=4",
+        "train.micro_batch=auto",
+        "train.epochs=1",
+        "train.steps_per_epoch=1",
+        "train.collective_timeout_minutes=1",  # a hang fails in a minute, not after the test's timeout
+    ]
+    env = gpu_env(**{FAULT_OOM_ENV: "1", FAULT_OOM_RANK_ENV: "1"})
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert_ok(result)
+    plan = json.loads((run_dir / PLAN_NAME).read_text())
+    assert plan["micro_batch"] == 1 and plan["micro_steps"] == 4
+
+
 @pytest.mark.parametrize(
-    "how", ["train.device=cuda", "CUDA_VISIBLE_DEVICES=0", "SLURM_GPUS_ON_NODE=1", "gpu-1.yaml"]
+    "how", ["train.device=cuda", "CUDA_VISIBLE_DEVICES=0", "SLURM_GPUS_ON_NODE=1", "gpu-1.yaml", "gpu-8.yaml"]
 )
 def test_a_gpu_asked_for_without_usable_cuda_is_one_line_not_a_cpu_run(shard_dir, tmp_path, how):
     """Asked for by the config, by the device ids a launcher or the user set, or by a SLURM GPU allocation:
-    without usable CUDA the run stops at start-up with why and what to do, before writing anything."""
-    if how in ("CUDA_VISIBLE_DEVICES=0", "gpu-1.yaml") and host_gpus():
+    without usable CUDA the run stops at start-up with why and what to do, before writing anything.
+    gpu-8.yaml (the README's 8-GPU command) stops so too, rather than train as 8 CPU processes."""
+    if how in ("CUDA_VISIBLE_DEVICES=0", "gpu-1.yaml", "gpu-8.yaml") and host_gpus():
         pytest.skip("this host has a usable GPU 0: the run would (rightly) train on it")
     run_dir = tmp_path / "run"
-    if how == "gpu-1.yaml":  # distributed_type NO, gpu_ids '0': accelerate sets CUDA_VISIBLE_DEVICES=0
+    if how.endswith(".yaml"):  # the launch config's gpu_ids: accelerate sets CUDA_VISIBLE_DEVICES to them
+        # (over the suite's empty CUDA_VISIBLE_DEVICES, which hides every GPU)
         cmd = [
             str(Path(sys.executable).with_name("accelerate")),
             "launch",
             "--config_file",
-            str(ROOT / "launch" / "gpu-1.yaml"),
+            str(ROOT / "launch" / how),
+            "--main_process_port",
+            str(free_port()),
             *training_cmd(run_dir, shard_dir)[len(accelerate_cmd()) :],
         ]
         result = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
-        assert "returned non-zero exit status 2" in result.stderr, result.stderr[-3000:]
-        asked = "CUDA_VISIBLE_DEVICES=0"
+        if how == "gpu-1.yaml":  # accelerate's one-process launcher
+            assert "returned non-zero exit status 2" in result.stderr, result.stderr[-3000:]
+        else:  # torchrun's failure summary: rank 0 ended with the user-error code
+            assert rank_exit_codes(result.stderr).get(0) == 2, result.stderr[-3000:]
+        asked = "CUDA_VISIBLE_DEVICES=0" + (",1,2,3,4,5,6,7" if how == "gpu-8.yaml" else "")
     elif how == "train.device=cuda":
         result = run_training_cli(run_dir, shard_dir, how)
         asked = how
@@ -648,7 +706,7 @@ def test_a_gpu_asked_for_without_usable_cuda_is_one_line_not_a_cpu_run(shard_dir
     if why.group(1) in ("no NVIDIA driver", "no CUDA device"):  # a CUDA 12 build would not help here
         assert "CUDA 12" not in line and "run on a machine or SLURM job with a GPU" in line, line
     assert line.endswith("or run on CPU with train.device=cpu"), line
-    assert how == "gpu-1.yaml" or result.returncode == 2
+    assert how.endswith(".yaml") or result.returncode == 2
     assert not run_dir.exists()
 
 
