@@ -3,6 +3,8 @@ the user named is opened.
 
 Every module that writes a result (shards, manifests, reports, checkpoints' state, exports' metadata)
 writes it here: a temporary name in the same folder, flushed to disk, then renamed over the target.
+Every YAML the project reads (configs, overrides, label maps, label-name lists) is parsed here too, by one
+strict loader that refuses a key given twice instead of letting the last one win.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ import json
 import os
 import stat
 from pathlib import Path
+
+import yaml
+
+from modaseg.console import InputError, UserError
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -97,3 +103,61 @@ def file_fingerprint(path: str | Path) -> tuple[int, int]:
     """(size, mtime in ns): what changes when a file is replaced or edited, without reading it."""
     info = os.stat(path)
     return info.st_size, info.st_mtime_ns
+
+
+# ------------------------------------------------------------------------------------------------ YAML
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: object, first: int, again: int):
+        super().__init__(f"key {key!r} given twice (line {first} and line {again})")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping key given twice (PyYAML keeps the last one silently: a
+    config with two `lr:` trains with the second, a label map with `bag: bag` then `bag: belt` maps every
+    bag to belt). Keys brought in by a merge (`<<: *base`) may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise DuplicateKeyError(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the base constructor reports it
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def strict_yaml(data: bytes | str) -> object:
+    """The YAML document in `data`, read safely (plain data only) and strictly: raises yaml.YAMLError for
+    invalid YAML, bytes that are not UTF-8 and a key given twice (DuplicateKeyError, with both lines)."""
+    return yaml.load(data, Loader=_StrictLoader)  # a SafeLoader subclass: plain data only
+
+
+def read_yaml(path: str | Path, error: type[UserError] = InputError) -> object:
+    """strict_yaml of the file at `path`; an unreadable file, bytes that are not UTF-8, invalid YAML or a
+    duplicate key raise `error` in one line naming the file (and the key and lines)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise error(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save it as UTF-8"
+        ) from None
+    try:
+        return strict_yaml(text)
+    except DuplicateKeyError as e:
+        raise error(f"{path}: {e}; keep one of them") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
