@@ -312,6 +312,7 @@ def build_run(cfg: Config) -> Run:
     loss_fn = CompositeLoss(
         cfg.loss, manifest.num_classes, weights.to(accelerator.device), manifest.ignore_index
     )
+    check_memory(cfg, model, loss_fn, manifest.num_classes, accelerator)  # before any full-size tensor
     plan = plan_run(cfg, accelerator, model, loss_fn, manifest, precision, determinism, device.reason)
     if cfg.model.compile:
         model = torch.compile(model)
@@ -335,6 +336,101 @@ def build_run(cfg: Config) -> Run:
         stop=stop,
         log_file=log_file,
     )
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+PROBE_SIDES = (64, 128)  # the two square sizes the activation bytes per pixel are measured at
+
+
+def activation_bytes_per_pixel(
+    model: nn.Module, loss_fn: nn.Module, num_classes: int, device: torch.device, autocast
+) -> float:
+    """Bytes that one forward of `model` and `loss_fn` keeps for the backward, per input pixel of one
+    sample: the saved tensors at two small sizes, the difference divided by the pixels added (what does
+    not grow with the image, the weights, cancels). A lower bound of a step's peak, which also holds
+    gradients and temporaries. BatchNorm statistics are restored, the global RNG is not touched."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    gen = torch.Generator().manual_seed(0)
+    saved_bytes = []
+    try:
+        for side in PROBE_SIDES:
+            storages: dict[int, int] = {}
+
+            def pack(t: torch.Tensor, storages=storages) -> torch.Tensor:
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+                return t
+
+            images = torch.randn(1, 3, side, side, generator=gen).to(device)
+            target = torch.randint(0, num_classes, (1, side, side), generator=gen).to(device)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+                logits = model(images)
+                loss, _ = loss_fn(logits.float(), target)
+            saved_bytes.append(sum(storages.values()))
+            del logits, loss
+    finally:
+        with torch.no_grad():
+            for name, value in model.named_buffers():
+                value.copy_(buffers[name])
+    small, large = (side * side for side in PROBE_SIDES)
+    return max(0.0, (saved_bytes[1] - saved_bytes[0]) / (large - small))
+
+
+def host_memory_available() -> int | None:
+    """Bytes this machine can still give (MemAvailable), less where a cgroup limit (a SLURM job, a
+    container) leaves less; None when unknown."""
+    found = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            left = max(0, int(limit) - used)
+            found = left if found is None else min(found, left)
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def check_memory(cfg: Config, model: nn.Module, loss_fn: nn.Module, num_classes: int, accelerator) -> None:
+    """Refuse, in one line and before any tensor of the training size exists, a crop whose smallest
+    forward/backward cannot fit: the activations it keeps (measured per pixel on this model and loss)
+    times the smallest micro-batch the run would use, against the device's memory (a GPU's total; on the
+    CPU the memory available now, shared by this machine's processes of the run). Every rank measures
+    the same model and decides the same. Anything that passes may still run out of memory later (the
+    plan's micro-batch search handles that on a GPU); this catches what never could fit."""
+    from modaseg.hardware import MEMORY_MARGIN, local_processes
+
+    device = accelerator.device
+    if device.type == "cuda":
+        limit = int(MEMORY_MARGIN * torch.cuda.get_device_properties(device).total_memory)
+        where = f"the {limit / 2**30:.1f} GB of {device}"
+        micro = 1 if cfg.train.micro_batch == "auto" else cfg.train.micro_batch
+    else:
+        available = host_memory_available()
+        if available is None:
+            return
+        processes = local_processes()
+        limit = available // processes
+        share = f", shared by {processes} processes" if processes > 1 else ""
+        where = f"the {limit / 2**30:.1f} GB of memory available to this process ({available / 2**30:.1f} GB free{share})"
+        micro = cfg.data.batch_size if cfg.train.micro_batch == "auto" else cfg.train.micro_batch
+    per_pixel = activation_bytes_per_pixel(model, loss_fn, num_classes, device, accelerator.autocast)
+    h, w = cfg.data.crop_height, cfg.data.crop_width
+    need = per_pixel * h * w * micro
+    if need > limit:
+        raise ConfigError(
+            f"data.crop_height x data.crop_width = {h} x {w}: one forward/backward of {micro} sample(s) keeps "
+            f"at least {need / 2**30:.1f} GB of activations ({per_pixel:.0f} bytes per pixel with "
+            f"model.encoder={cfg.model.encoder}), more than {where}; lower the crop"
+            + (" or data.batch_size (or set train.micro_batch)" if micro > 1 else "")
+        )
 
 
 def check_train_split(manifest: Manifest, shards: str | list[str]) -> None:
