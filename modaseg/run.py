@@ -24,9 +24,9 @@ from modaseg.checkpoint import TrainerState, check_resume_setting
 from modaseg.config import Config, ConfigError, dump_config, save_config, to_dict
 from modaseg.console import UserError, progress_bar, setup_logging
 from modaseg.data import CorruptDataError, TrainLoader, class_exposure
-from modaseg.distributed import StopRequest, bare_model, sync_buffers
+from modaseg.distributed import StopRequest, bare_model, broadcast_from_main, sync_buffers
 from modaseg.evaluate import EvalResult, evaluate_split, write_report_files
-from modaseg.files import json_safe, write_json_atomic
+from modaseg.files import FolderBusy, FolderLock, json_safe, lock_folder, write_json_atomic
 from modaseg.hardware import (
     choose_device,
     configure_kernels,
@@ -71,6 +71,7 @@ class Run:
     class_weights: list[float]
     stop: StopRequest
     log_file: DeferredLogFile | None = None  # the main process's train.log, opened after the resume decision
+    lock: FolderLock | None = None  # the run folder's lock file, held by the main process
     loader: TrainLoader | None = None
     writer: Any = None  # TensorBoard SummaryWriter on the main process
     progress: Any = None
@@ -265,6 +266,8 @@ class Run:
             self.writer.close()
         if self.log_file is not None:
             self.log_file.close()
+        if self.lock is not None:
+            self.lock.release()
         self.accelerator.end_training()
 
 
@@ -322,6 +325,7 @@ def build_run(cfg: Config) -> Run:
     exposure = class_exposure(train_info.class_images, train_info.num_samples, cfg.data.repeat_threshold)
     log_class_table(manifest.classes, train_info.class_pixels, weights.tolist(), exposure)
     log.info("class weights: %s", format_class_weights(weights, manifest.classes))
+    lock = lock_run_folder(accelerator, run_dir)  # last: a refusal above leaves no lock behind
     return Run(
         cfg=cfg,
         accelerator=accelerator,
@@ -335,7 +339,34 @@ def build_run(cfg: Config) -> Run:
         class_weights=weights.tolist(),
         stop=stop,
         log_file=log_file,
+        lock=lock,
     )
+
+
+def lock_run_folder(accelerator: Accelerator, run_dir: Path) -> FolderLock | None:
+    """One training per run folder: the main process takes RUN/.modaseg.lock (a second training there
+    would replace the first one's checkpoints and results), every rank learns the outcome and refuses
+    alike. A lock left by a killed training on this host is taken over with a warning."""
+    refusal, lock = None, None
+    if accelerator.is_main_process:
+        try:
+            lock, replaced = lock_folder(run_dir)
+        except FolderBusy as e:
+            refusal = str(e)
+        except OSError as e:
+            refusal = f"train.output_dir={run_dir}: cannot create its lock file: {e.strerror or e}"
+        else:
+            if replaced is not None:
+                log.warning(
+                    "%s: took over the lock of pid %s (started %s), which is no longer running",
+                    run_dir,
+                    replaced.get("pid"),
+                    replaced.get("started"),
+                )
+    refusal = broadcast_from_main(accelerator, refusal)
+    if refusal:
+        raise FolderBusy(refusal)
+    return lock
 
 
 # ------------------------------------------------------------------------------------------------ memory

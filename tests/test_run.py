@@ -1,11 +1,19 @@
-"""modaseg.run through the real CLI: what a run refuses before it allocates anything."""
+"""modaseg.run through the real CLI: what a run refuses before it allocates anything, and the run
+folder's lock."""
 
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
 import time
 
 import pytest
-from conftest import ROOT, run_training_cli
+from conftest import ROOT, clean_env, modaseg_train_cmd, run_training, run_training_cli
+
+from modaseg.checkpoint import list_checkpoints
+from modaseg.distributed import EXIT_REQUEUE
+from modaseg.files import LOCK_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -25,3 +33,49 @@ def test_a_crop_the_machine_cannot_hold_is_one_line_before_allocating(shard_dir,
     assert "lower the crop or data.batch_size" in lines[0]
     assert f'File "{ROOT / "modaseg"}' not in result.stderr
     assert not run_dir.exists() and elapsed < 120
+
+
+@pytest.mark.multiprocess
+def test_a_second_training_in_a_busy_run_folder_is_refused_by_every_rank(shard_dir, tmp_path):
+    """Training A (one process) holds RUN/.modaseg.lock; training B in the same folder under `accelerate
+    launch` with 2 processes is refused in one line from rank 0 naming A's pid, rank 0 exits 2, and A goes
+    on; A stopped by SIGTERM (exit 75, checkpoint) releases the lock, and the same command resumes."""
+    run_dir = tmp_path / "run"
+    a = subprocess.Popen(
+        modaseg_train_cmd(
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            f"data.shards={shard_dir}",
+            f"train.output_dir={run_dir}",
+            "train.epochs=50",
+        ),
+        cwd=ROOT,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / LOCK_NAME).exists():
+            assert a.poll() is None and time.time() < deadline, "training A never took the lock"
+            time.sleep(0.05)
+        b = run_training(run_dir, shard_dir)
+        assert a.poll() is None, "training A must go on"
+        lines = [line for line in b.stderr.splitlines() if "modaseg-train: error:" in line]
+        assert len(lines) == 1, b.stderr[-6000:]
+        assert f"this run folder is in use by another training (pid {a.pid} on this host" in lines[0]
+        assert f'File "{ROOT / "modaseg"}' not in b.stdout + b.stderr
+        assert rank_exit_codes(b.stderr).get(0) == 2, b.stderr[-6000:]
+        a.send_signal(signal.SIGTERM)
+        out, _ = a.communicate(timeout=300)
+    finally:
+        a.kill()
+    assert a.returncode == EXIT_REQUEUE, out[-5000:]
+    assert not (run_dir / LOCK_NAME).exists() and list_checkpoints(run_dir)
+
+
+def rank_exit_codes(launcher_output: str) -> dict[int, int]:
+    """Each failed rank's exit code, from the failure summary of torchrun (inside accelerate launch)."""
+    found = re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s+: (-?\d+)", launcher_output)
+    return {int(rank): int(code) for rank, code in found}
