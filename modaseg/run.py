@@ -10,7 +10,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,15 @@ from modaseg.console import UserError, progress_bar, setup_logging
 from modaseg.data import CorruptDataError, TrainLoader, class_exposure
 from modaseg.distributed import StopRequest, bare_model, broadcast_from_main, sync_buffers
 from modaseg.evaluate import EvalResult, evaluate_split, write_report_files
-from modaseg.files import FolderBusy, FolderLock, json_safe, lock_folder, write_json_atomic
+from modaseg.files import (
+    FolderBusy,
+    FolderLock,
+    json_safe,
+    lock_folder,
+    read_yaml,
+    write_atomic,
+    write_json_atomic,
+)
 from modaseg.hardware import (
     choose_device,
     configure_kernels,
@@ -99,6 +107,7 @@ class Run:
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.log_file.open(self.run_dir / "train.log")
+            record_config_changes(self.run_dir, self.cfg, state)  # before config.yaml is rewritten
             save_config(self.cfg, self.run_dir / "config.yaml")
             write_json_atomic(self.run_dir / EXPORT_META, {"classes": self.names})
             save_plan(self.plan, self.run_dir)
@@ -223,6 +232,8 @@ class Run:
             write_report_files(result, self.run_dir / "eval-test", title)
             if self.writer is not None:
                 self.writer.add_scalar("test/miou", result.report.miou, state.updates)
+        if meter.images_seen == 0 and keep_finished_summary(self.run_dir, result, which, self.started):
+            return
         device = self.accelerator.device
         summary = {
             "test": result.report.to_dict() if result is not None else None,
@@ -245,6 +256,7 @@ class Run:
             "precision": {"mode": self.plan.precision, "reason": self.plan.precision_reason},
             "plan": {**self.plan.__dict__, "micro_steps": self.plan.micro_steps},
             "config": to_dict(self.cfg),
+            "config_changes": read_config_history(self.run_dir),
         }
         write_json_atomic(self.run_dir / "summary.json", json_safe(summary))
         test = f"test mIoU {result.report.miou:.4f}" if result is not None else "no test split"
@@ -462,6 +474,102 @@ def check_memory(cfg: Config, model: nn.Module, loss_fn: nn.Module, num_classes:
             f"model.encoder={cfg.model.encoder}), more than {where}; lower the crop"
             + (" or data.batch_size (or set train.micro_batch)" if micro > 1 else "")
         )
+
+
+# ------------------------------------------------------------------------------------------------ history
+
+CONFIG_HISTORY = "config-history.jsonl"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def record_config_changes(run_dir: Path, cfg: Config, state: TrainerState) -> dict | None:
+    """A resumed run whose config differs from the run's config.yaml (another optim.lr, more epochs):
+    the changed keys, old and new, appended to RUN/config-history.jsonl with the update they took effect
+    at, and a warning, since the run's config.yaml (rewritten next) no longer repeats it bit for bit.
+    Returns the record, None when nothing changed or nothing was resumed."""
+    saved_path = run_dir / "config.yaml"
+    if not (state.updates or state.epoch) or not saved_path.is_file():
+        return None
+    try:
+        saved = read_yaml(saved_path, ConfigError)
+    except UserError as e:
+        log.warning("the run's config.yaml cannot be compared with this one (%s)", e)
+        saved = None
+    before = _flatten(saved) if isinstance(saved, dict) else {}
+    now = _flatten(to_dict(cfg))
+    changed = {k: [before.get(k), v] for k, v in now.items() if before.get(k) != v}
+    if not changed:
+        return None
+    record = {
+        "at": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "updates": state.updates,
+        "epoch": state.epoch,
+        "batch": state.batch,
+        "changed": changed,
+    }
+    history = run_dir / CONFIG_HISTORY
+    old = history.read_text() if history.is_file() else ""
+    write_atomic(history, old + json.dumps(json_safe(record)) + "\n")
+    log.warning(
+        "resumed at update %d with another config: %s. From here the run differs from its first config "
+        "and no longer repeats bit for bit from config.yaml alone; every change is kept in %s",
+        state.updates,
+        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+        history,
+    )
+    return record
+
+
+def read_config_history(run_dir: Path) -> list[dict]:
+    """The records of RUN/config-history.jsonl, oldest first (empty when the config never changed)."""
+    try:
+        lines = (run_dir / CONFIG_HISTORY).read_text().splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            records.append({"unreadable": line})
+    return records
+
+
+def keep_finished_summary(run_dir: Path, result: EvalResult | None, which: str, started: float) -> bool:
+    """A finished run started again only evaluates: its summary.json keeps the training's wall time and
+    speed (this process trained nothing), and the evaluation is appended under `reevaluations`. False
+    when there is no readable summary to keep (then the caller writes one)."""
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(summary, dict):
+        return False
+    summary.setdefault("reevaluations", []).append(
+        {
+            "at": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "test": result.report.to_dict() if result is not None else None,
+            "tested_model": which,
+            "wall_seconds": time.perf_counter() - started,
+        }
+    )
+    summary["config_changes"] = read_config_history(run_dir)
+    write_json_atomic(path, json_safe(summary))
+    log.info(
+        "training had finished before: %s keeps its numbers, this evaluation is added under reevaluations",
+        path,
+    )
+    return True
 
 
 def check_train_split(manifest: Manifest, shards: str | list[str]) -> None:

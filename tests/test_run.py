@@ -3,6 +3,7 @@ folder's lock."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -12,8 +13,10 @@ import pytest
 from conftest import ROOT, clean_env, modaseg_train_cmd, run_training, run_training_cli
 
 from modaseg.checkpoint import list_checkpoints
+from modaseg.config import load_config
 from modaseg.distributed import EXIT_REQUEUE
 from modaseg.files import LOCK_NAME
+from modaseg.run import CONFIG_HISTORY
 
 pytestmark = pytest.mark.slow
 
@@ -79,3 +82,38 @@ def rank_exit_codes(launcher_output: str) -> dict[int, int]:
     """Each failed rank's exit code, from the failure summary of torchrun (inside accelerate launch)."""
     found = re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s+: (-?\d+)", launcher_output)
     return {int(rank): int(code) for rank, code in found}
+
+
+def test_a_finished_run_started_again_keeps_its_summary_and_a_changed_resume_keeps_history(
+    shard_dir, tmp_path
+):
+    """Started again when finished: summary.json keeps the training's wall time and speed (it used to be
+    overwritten with the re-run's seconds and 0 img/s), the evaluation is added under reevaluations.
+    Resumed with another optim.lr and more epochs: a warning that names the changes and says the run no
+    longer repeats bit for bit, the changes appended to config-history.jsonl with the update they start at,
+    config.yaml updated, and the summary listing them."""
+    run_dir = tmp_path / "run"
+    result = run_training_cli(run_dir, shard_dir, "train.epochs=1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    first = json.loads((run_dir / "summary.json").read_text())
+    assert first["train_images_per_s"] > 0 and first["config_changes"] == []
+
+    result = run_training_cli(run_dir, shard_dir, "train.epochs=1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    again = json.loads((run_dir / "summary.json").read_text())
+    reevaluation = again.pop("reevaluations")
+    assert again == first
+    assert len(reevaluation) == 1 and reevaluation[0]["test"] == first["test"]
+    assert not (run_dir / CONFIG_HISTORY).exists(), "the same config is no change"
+
+    updates = first["updates"]
+    result = run_training_cli(run_dir, shard_dir, "train.epochs=2", "optim.lr=1e-3")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"resumed at update {updates} with another config: optim.lr 0.003 -> 0.001" in result.stderr
+    assert "train.epochs 1 -> 2" in result.stderr and "no longer repeats bit for bit" in result.stderr
+    (record,) = [json.loads(line) for line in (run_dir / CONFIG_HISTORY).read_text().splitlines()]
+    assert record["changed"] == {"optim.lr": [0.003, 0.001], "train.epochs": [1, 2]}
+    assert (record["updates"], record["epoch"]) == (updates, 1)
+    assert load_config(run_dir / "config.yaml").optim.lr == 1e-3
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["config_changes"] == [record] and summary["epochs"] == 2
