@@ -1,4 +1,5 @@
-"""Typed configuration: dataclasses loaded from YAML (`yaml.safe_load` only) with dotted overrides.
+"""Typed configuration: dataclasses loaded from YAML (files.read_yaml: safe and strict, a key given twice
+is an error) with dotted overrides.
 
     cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "data.batch_size=8"])
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from modaseg.console import UserError
+from modaseg.files import read_yaml, strict_yaml
 
 
 class ConfigError(UserError, ValueError):
@@ -235,7 +238,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         dotted, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = strict_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not a YAML scalar: {e}") from e
         tree: Any = value
@@ -248,15 +251,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     cfg = Config()
     if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
-        try:
-            values = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-        _merge(cfg, values)
+        _merge(cfg, read_yaml(path, ConfigError) or {})
     apply_overrides(cfg, overrides or [])
     validate(cfg)
     return cfg
@@ -345,6 +340,8 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"{section.name}.{f.name}: {value!r} is not a finite number")
     for key, value, ok, rule in checks:
         _require(ok(value), key, rule, value)
+    check_sizes(cfg)
+    check_shard_list(cfg.data.shards)
     d = cfg.data
     for key, size in (("data.crop_height", d.crop_height), ("data.crop_width", d.crop_width)):
         if size <= 0 or size % 32:
@@ -366,6 +363,45 @@ def validate(cfg: Config) -> None:
             f"train.micro_batch: {micro} must divide data.batch_size={d.batch_size} (the optimizer sees "
             "data.batch_size x optim.grad_accum samples per update whatever the micro-batch)"
         )
+
+
+# The largest crop side or model.input_long_side accepted: one 8192 x 8192 sample keeps ~90 GB of
+# activations for its backward (U-Net resnet18, 1439 bytes per pixel measured by
+# run.activation_bytes_per_pixel), so a side twice as long (4x the pixels) fits no device made. Sizes under
+# it are then checked against the memory of this machine (run.check_memory), before anything is allocated.
+MAX_IMAGE_SIDE = 8192
+
+
+def check_sizes(cfg: Config) -> None:
+    """Sizes that no machine can train: refused at load time, before any tensor of that size exists."""
+    for key, size in (
+        ("data.crop_height", cfg.data.crop_height),
+        ("data.crop_width", cfg.data.crop_width),
+        ("model.input_long_side", cfg.model.input_long_side),
+    ):
+        if size is not None and size > MAX_IMAGE_SIDE:
+            raise ConfigError(
+                f"{key}: {size} pixels is more than the {MAX_IMAGE_SIDE} any device can train on (one "
+                f"{MAX_IMAGE_SIDE} x {MAX_IMAGE_SIDE} sample alone keeps ~90 GB of activations); use a few "
+                "hundred pixels"
+            )
+
+
+def check_shard_list(shards: str | list[str]) -> None:
+    """The same shard folder twice in data.shards would be opened as two datasets with the same shard
+    files (evaluation then fails an epoch later): refused here, naming it."""
+    if not isinstance(shards, list):
+        return
+    seen: dict[str, str] = {}
+    for folder in shards:
+        real = os.path.realpath(folder)
+        if real in seen:
+            same = "" if seen[real] == folder else f" (as {seen[real]!r})"
+            raise ConfigError(
+                f"data.shards: {folder!r} is listed twice{same}; give each shard folder once "
+                "(to weight one folder more, use data.mix)"
+            )
+        seen[real] = folder
 
 
 def dump_config(cfg: Config) -> str:

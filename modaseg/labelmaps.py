@@ -36,6 +36,7 @@ from PIL import Image
 
 from modaseg.classes import IGNORE_INDEX, MODANET, LabelSpace
 from modaseg.console import InputError
+from modaseg.files import strict_yaml
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".mat")
@@ -198,7 +199,7 @@ def load_label_names(path: str | Path) -> list[str]:
         elif suffix == ".json":
             names = json.loads(raw)
         elif suffix in (".yaml", ".yml"):
-            names = yaml.safe_load(raw)
+            names = strict_yaml(raw)
         else:
             raise InputError(f"label names {path}: expected a .mat, .txt, .json or .yaml file")
     except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
@@ -238,7 +239,7 @@ def load_label_mapping(path: str | Path, names: list[str]) -> LabelMapping:
     """The YAML mapping file checked against the source names: every name mapped, every target known."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(_read(path, "label map"))
+        raw = strict_yaml(_read(path, "label map"))
     except yaml.YAMLError as e:
         raise InputError(f"label map {path} does not parse: {e}") from None
     if not isinstance(raw, dict) or set(raw) != {"target", "labels"}:

@@ -11,7 +11,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,18 @@ from modaseg.checkpoint import TrainerState, check_resume_setting
 from modaseg.config import Config, ConfigError, dump_config, save_config, to_dict
 from modaseg.console import UserError, progress_bar, setup_logging
 from modaseg.data import CorruptDataError, TrainLoader, class_exposure
-from modaseg.distributed import StopRequest, bare_model, sync_buffers
+from modaseg.distributed import StopRequest, bare_model, broadcast_from_main, sync_buffers
 from modaseg.ema import WeightAverage
 from modaseg.evaluate import EvalResult, evaluate_split, write_report_files
-from modaseg.files import json_safe, write_json_atomic
+from modaseg.files import (
+    FolderBusy,
+    FolderLock,
+    json_safe,
+    lock_folder,
+    read_yaml,
+    write_atomic,
+    write_json_atomic,
+)
 from modaseg.hardware import (
     choose_device,
     configure_kernels,
@@ -73,6 +81,7 @@ class Run:
     class_weights: list[float]
     stop: StopRequest
     log_file: DeferredLogFile | None = None  # the main process's train.log, opened after the resume decision
+    lock: FolderLock | None = None  # the run folder's lock file, held by the main process
     loader: TrainLoader | None = None
     writer: Any = None  # TensorBoard SummaryWriter on the main process
     progress: Any = None
@@ -101,6 +110,7 @@ class Run:
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.log_file.open(self.run_dir / "train.log")
+            record_config_changes(self.run_dir, self.cfg, state)  # before config.yaml is rewritten
             save_config(self.cfg, self.run_dir / "config.yaml")
             write_json_atomic(self.run_dir / EXPORT_META, {"classes": self.names})
             save_plan(self.plan, self.run_dir)
@@ -240,6 +250,8 @@ class Run:
             write_report_files(result, self.run_dir / "eval-test", title)
             if self.writer is not None:
                 self.writer.add_scalar("test/miou", result.report.miou, state.updates)
+        if meter.images_seen == 0 and keep_finished_summary(self.run_dir, result, which, self.started):
+            return
         device = self.accelerator.device
         summary = {
             "test": result.report.to_dict() if result is not None else None,
@@ -262,6 +274,7 @@ class Run:
             "precision": {"mode": self.plan.precision, "reason": self.plan.precision_reason},
             "plan": {**self.plan.__dict__, "micro_steps": self.plan.micro_steps},
             "config": to_dict(self.cfg),
+            "config_changes": read_config_history(self.run_dir),
         }
         write_json_atomic(self.run_dir / "summary.json", json_safe(summary))
         test = f"test mIoU {result.report.miou:.4f}" if result is not None else "no test split"
@@ -283,6 +296,8 @@ class Run:
             self.writer.close()
         if self.log_file is not None:
             self.log_file.close()
+        if self.lock is not None:
+            self.lock.release()
         self.accelerator.end_training()
 
 
@@ -333,6 +348,7 @@ def build_run(cfg: Config) -> Run:
     loss_fn = CompositeLoss(
         cfg.loss, manifest.num_classes, weights.to(accelerator.device), manifest.ignore_index
     )
+    check_memory(cfg, model, loss_fn, manifest.num_classes, accelerator)  # before any full-size tensor
     # The micro-batch probes run on the plain model: with SyncBatchNorm, a rank that runs out of memory
     # would leave the others waiting in a BatchNorm all-reduce; the ranks agree on the result after.
     plan = plan_run(cfg, accelerator, model, loss_fn, manifest, precision, determinism, device.reason)
@@ -349,6 +365,7 @@ def build_run(cfg: Config) -> Run:
     exposure = class_exposure(train_info.class_images, train_info.num_samples, cfg.data.repeat_threshold)
     log_class_table(manifest.classes, train_info.class_pixels, weights.tolist(), exposure)
     log.info("class weights: %s", format_class_weights(weights, manifest.classes))
+    lock = lock_run_folder(accelerator, run_dir)  # last: a refusal above leaves no lock behind
     return Run(
         cfg=cfg,
         accelerator=accelerator,
@@ -363,7 +380,225 @@ def build_run(cfg: Config) -> Run:
         stop=stop,
         log_file=log_file,
         average=average,
+        lock=lock,
     )
+
+
+def lock_run_folder(accelerator: Accelerator, run_dir: Path) -> FolderLock | None:
+    """One training per run folder: the main process takes RUN/.modaseg.lock (a second training there
+    would replace the first one's checkpoints and results), every rank learns the outcome and refuses
+    alike. A lock left by a killed training on this host is taken over with a warning."""
+    refusal, lock = None, None
+    if accelerator.is_main_process:
+        try:
+            lock, replaced = lock_folder(run_dir)
+        except FolderBusy as e:
+            refusal = str(e)
+        except OSError as e:
+            refusal = f"train.output_dir={run_dir}: cannot create its lock file: {e.strerror or e}"
+        else:
+            if replaced is not None:
+                log.warning(
+                    "%s: took over the lock of pid %s (started %s), which is no longer running",
+                    run_dir,
+                    replaced.get("pid"),
+                    replaced.get("started"),
+                )
+    refusal = broadcast_from_main(accelerator, refusal)
+    if refusal:
+        raise FolderBusy(refusal)
+    return lock
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+PROBE_SIDES = (64, 128)  # the two square sizes the activation bytes per pixel are measured at
+
+
+def activation_bytes_per_pixel(
+    model: nn.Module, loss_fn: nn.Module, num_classes: int, device: torch.device, autocast
+) -> float:
+    """Bytes that one forward of `model` and `loss_fn` keeps for the backward, per input pixel of one
+    sample: the saved tensors at two small sizes, the difference divided by the pixels added (what does
+    not grow with the image, the weights, cancels). A lower bound of a step's peak, which also holds
+    gradients and temporaries. BatchNorm statistics are restored, the global RNG is not touched."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    gen = torch.Generator().manual_seed(0)
+    saved_bytes = []
+    try:
+        for side in PROBE_SIDES:
+            storages: dict[int, int] = {}
+
+            def pack(t: torch.Tensor, storages=storages) -> torch.Tensor:
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+                return t
+
+            images = torch.randn(1, 3, side, side, generator=gen).to(device)
+            target = torch.randint(0, num_classes, (1, side, side), generator=gen).to(device)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+                logits = model(images)
+                loss, _ = loss_fn(logits.float(), target)
+            saved_bytes.append(sum(storages.values()))
+            del logits, loss
+    finally:
+        with torch.no_grad():
+            for name, value in model.named_buffers():
+                value.copy_(buffers[name])
+    small, large = (side * side for side in PROBE_SIDES)
+    return max(0.0, (saved_bytes[1] - saved_bytes[0]) / (large - small))
+
+
+def host_memory_available() -> int | None:
+    """Bytes this machine can still give (MemAvailable), less where a cgroup limit (a SLURM job, a
+    container) leaves less; None when unknown."""
+    found = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            left = max(0, int(limit) - used)
+            found = left if found is None else min(found, left)
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def check_memory(cfg: Config, model: nn.Module, loss_fn: nn.Module, num_classes: int, accelerator) -> None:
+    """Refuse, in one line and before any tensor of the training size exists, a crop whose smallest
+    forward/backward cannot fit: the activations it keeps (measured per pixel on this model and loss)
+    times the smallest micro-batch the run would use, against the device's memory (a GPU's total; on the
+    CPU the memory available now, shared by this machine's processes of the run). Every rank measures
+    the same model and decides the same. Anything that passes may still run out of memory later (the
+    plan's micro-batch search handles that on a GPU); this catches what never could fit."""
+    from modaseg.hardware import MEMORY_MARGIN, local_processes
+
+    device = accelerator.device
+    if device.type == "cuda":
+        limit = int(MEMORY_MARGIN * torch.cuda.get_device_properties(device).total_memory)
+        where = f"the {limit / 2**30:.1f} GB of {device}"
+        micro = 1 if cfg.train.micro_batch == "auto" else cfg.train.micro_batch
+    else:
+        available = host_memory_available()
+        if available is None:
+            return
+        processes = local_processes()
+        limit = available // processes
+        share = f", shared by {processes} processes" if processes > 1 else ""
+        where = f"the {limit / 2**30:.1f} GB of memory available to this process ({available / 2**30:.1f} GB free{share})"
+        micro = cfg.data.batch_size if cfg.train.micro_batch == "auto" else cfg.train.micro_batch
+    per_pixel = activation_bytes_per_pixel(model, loss_fn, num_classes, device, accelerator.autocast)
+    h, w = cfg.data.crop_height, cfg.data.crop_width
+    need = per_pixel * h * w * micro
+    if need > limit:
+        raise ConfigError(
+            f"data.crop_height x data.crop_width = {h} x {w}: one forward/backward of {micro} sample(s) keeps "
+            f"at least {need / 2**30:.1f} GB of activations ({per_pixel:.0f} bytes per pixel with "
+            f"model.encoder={cfg.model.encoder}), more than {where}; lower the crop"
+            + (" or data.batch_size (or set train.micro_batch)" if micro > 1 else "")
+        )
+
+
+# ------------------------------------------------------------------------------------------------ history
+
+CONFIG_HISTORY = "config-history.jsonl"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def record_config_changes(run_dir: Path, cfg: Config, state: TrainerState) -> dict | None:
+    """A resumed run whose config differs from the run's config.yaml (another optim.lr, more epochs):
+    the changed keys, old and new, appended to RUN/config-history.jsonl with the update they took effect
+    at, and a warning, since the run's config.yaml (rewritten next) no longer repeats it bit for bit.
+    Returns the record, None when nothing changed or nothing was resumed."""
+    saved_path = run_dir / "config.yaml"
+    if not (state.updates or state.epoch) or not saved_path.is_file():
+        return None
+    try:
+        saved = read_yaml(saved_path, ConfigError)
+    except UserError as e:
+        log.warning("the run's config.yaml cannot be compared with this one (%s)", e)
+        saved = None
+    before = _flatten(saved) if isinstance(saved, dict) else {}
+    now = _flatten(to_dict(cfg))
+    changed = {k: [before.get(k), v] for k, v in now.items() if before.get(k) != v}
+    if not changed:
+        return None
+    record = {
+        "at": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "updates": state.updates,
+        "epoch": state.epoch,
+        "batch": state.batch,
+        "changed": changed,
+    }
+    history = run_dir / CONFIG_HISTORY
+    old = history.read_text() if history.is_file() else ""
+    write_atomic(history, old + json.dumps(json_safe(record)) + "\n")
+    log.warning(
+        "resumed at update %d with another config: %s. From here the run differs from its first config "
+        "and no longer repeats bit for bit from config.yaml alone; every change is kept in %s",
+        state.updates,
+        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+        history,
+    )
+    return record
+
+
+def read_config_history(run_dir: Path) -> list[dict]:
+    """The records of RUN/config-history.jsonl, oldest first (empty when the config never changed)."""
+    try:
+        lines = (run_dir / CONFIG_HISTORY).read_text().splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            records.append({"unreadable": line})
+    return records
+
+
+def keep_finished_summary(run_dir: Path, result: EvalResult | None, which: str, started: float) -> bool:
+    """A finished run started again only evaluates: its summary.json keeps the training's wall time and
+    speed (this process trained nothing), and the evaluation is appended under `reevaluations`. False
+    when there is no readable summary to keep (then the caller writes one)."""
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(summary, dict):
+        return False
+    summary.setdefault("reevaluations", []).append(
+        {
+            "at": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "test": result.report.to_dict() if result is not None else None,
+            "tested_model": which,
+            "wall_seconds": time.perf_counter() - started,
+        }
+    )
+    summary["config_changes"] = read_config_history(run_dir)
+    write_json_atomic(path, json_safe(summary))
+    log.info(
+        "training had finished before: %s keeps its numbers, this evaluation is added under reevaluations",
+        path,
+    )
+    return True
 
 
 def check_train_split(manifest: Manifest, shards: str | list[str]) -> None:

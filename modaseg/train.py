@@ -7,6 +7,9 @@
 The run: build it (run.py), resume or start, then per epoch train, save a checkpoint, validate; finally
 test the best model and write the summary. Exit code 0 = finished; 75 (EXIT_REQUEUE) = stopped by
 SIGTERM/SIGUSR1 after a checkpoint, run the same command again to resume; 2 = a config or input error.
+Under `accelerate launch` these are each rank's codes: a user error is rank 0's one line and exit 2 on
+every rank, after which the launcher prints torch's ChildFailedError summary (naming those codes) and
+exits 1 itself, as it does for any rank that fails; one process (`modaseg-train`) exits 2 plainly.
 """
 
 from __future__ import annotations

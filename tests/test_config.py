@@ -108,3 +108,50 @@ def test_dump_config_round_trips(tmp_path):
     cfg = load_config(ROOT / "configs" / "demo.yaml", ["optim.lr=3e-4", "data.workers=0"])
     (tmp_path / "c.yaml").write_text(dump_config(cfg))
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.crop_height=1000000", "data.crop_height: 1000000 pixels is more than the 8192"),
+        ("data.crop_width=8224", "data.crop_width: 8224 pixels is more than the 8192"),
+        ("model.input_long_side=100000", "model.input_long_side: 100000 pixels is more than the 8192"),
+    ],
+)
+def test_sizes_no_device_can_train_are_refused_at_load_time(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "shards",
+    ["[a, a]", "[a, b, a]", "[a, ./a]", "[a, a/]"],
+)
+def test_a_shard_folder_listed_twice_is_refused(shards):
+    with pytest.raises(ConfigError, match=r"data.shards: '.+' is listed twice.*give each shard folder once"):
+        load_config(None, [f"data.shards={shards}"])
+
+
+def test_different_shard_folders_are_accepted():
+    assert load_config(None, ["data.shards=[a, b]"]).data.shards == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b"optim:\n  lr: 0.1\n  lr: 0.2\n", "key 'lr' given twice (line 2 and line 3)"),
+        (b"optim: {lr: 0.1}\noptim: {epochs: 3}\n", "key 'optim' given twice (line 1 and line 2)"),
+        (b"optim:\n  lr: 0.1 # \xe9\n", "not UTF-8 text (byte 0xe9 on line 2)"),
+    ],
+    ids=["key", "section", "latin-1"],
+)
+def test_a_config_with_a_duplicate_key_or_not_utf8_is_one_config_error(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(path)
+
+
+def test_an_override_with_a_duplicate_key_is_refused():
+    with pytest.raises(ConfigError, match="given twice"):
+        load_config(None, ["optim={lr: 0.1, lr: 0.2}"])

@@ -337,3 +337,14 @@ def test_pairing_by_stem_with_every_leftover_named(tmp_path):
     limited = pair_files(photos, masks, max_images=2)
     assert limited.pairs == [("a", "a.jpg", "a.mat"), ("b", "b.JPEG", "b.png")]
     assert limited.counts["label_maps_outside_max_images"] == 3  # c.png, c.mat, e.mat: photos past the limit
+
+
+def test_a_source_name_mapped_twice_is_refused_not_last_wins(tmp_path):
+    """`shoes: footwear` then `shoes: bag` would shard all shoes as bags if the last key won."""
+    path = tmp_path / "m.yaml"
+    labels = "".join(f"  {k}: {v}\n" for k, v in LABELS.items())
+    path.write_text(f"target: modanet\nlabels:\n{labels}  shoes: bag\n")
+    with pytest.raises(
+        InputError, match=r"label map .* does not parse: key 'shoes' given twice \(line 5 and"
+    ):
+        load_label_mapping(path, NAMES)

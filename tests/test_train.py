@@ -788,3 +788,21 @@ def test_evaluation_on_one_and_two_gpus_agrees(baseline, shard_dir, tmp_path):
         assert result.returncode == 0, result.stderr[-4000:]
     one, two = ((tmp_path / f"gpus{n}" / "confusion.csv").read_text() for n in (1, 2))
     assert one == two
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"optim:\n  lr: 0.1 # caf\xe9\n", "not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"),
+        (b"optim:\n  lr: 0.1\n  lr: 0.2\n", "key 'lr' given twice (line 2 and line 3); keep one of them"),
+    ],
+    ids=["latin-1", "duplicate-key"],
+)
+def test_a_config_file_not_utf8_or_with_a_key_twice_is_one_line(tmp_path, capsys, content, message):
+    from modaseg.train import main
+
+    config = tmp_path / "c.yaml"
+    config.write_bytes(content)
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"modaseg-train: error: {config}: {message}\n"
