@@ -272,7 +272,13 @@ def load_label_mapping(path: str | Path, names: list[str]) -> LabelMapping:
 # ------------------------------------------------------------------------------------------- label maps
 
 
-def _read_mat(data: bytes, variable: str, size: tuple[int, int]) -> np.ndarray:
+def _size_mismatch(found: tuple[int, int], sizes: tuple[tuple[int, int], ...]) -> Rejected:
+    photo = " or ".join(str(s) for s in sizes)
+    turned = " (as stored or as displayed: EXIF orientation)" if len(sizes) > 1 else ""
+    return Rejected("label_size_mismatch", f"label map {found}, photo {photo}{turned} (h, w)")
+
+
+def _read_mat(data: bytes, variable: str, sizes: tuple[tuple[int, int], ...]) -> np.ndarray:
     from scipy.io import loadmat, whosmat
 
     try:  # the shapes first: a wrong-size map is rejected before its data is inflated
@@ -281,8 +287,8 @@ def _read_mat(data: bytes, variable: str, size: tuple[int, int]) -> np.ndarray:
         }
         if variable not in shapes:
             raise Rejected("label_variable_missing", f"no variable {variable!r} (has {len(shapes)} other)")
-        if tuple(shapes[variable]) != size:
-            raise Rejected("label_size_mismatch", f"label map {shapes[variable]}, photo {size} (h, w)")
+        if tuple(shapes[variable]) not in sizes:
+            raise _size_mismatch(tuple(shapes[variable]), sizes)
         return loadmat(io.BytesIO(data), variable_names=[variable])[variable]
     except Rejected:
         raise
@@ -294,15 +300,13 @@ def _read_mat(data: bytes, variable: str, size: tuple[int, int]) -> np.ndarray:
         raise Rejected(reason, f"not a readable MATLAB 5 file ({type(e).__name__})") from None
 
 
-def _read_image(data: bytes, size: tuple[int, int]) -> np.ndarray:
+def _read_image(data: bytes, sizes: tuple[tuple[int, int], ...]) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data), formats=["PNG", "TIFF"]) as im:
             if im.mode not in _SINGLE_CHANNEL_MODES:
                 raise Rejected("label_not_single_channel", f"{im.format} in mode {im.mode}")
-            if (im.height, im.width) != size:
-                raise Rejected(
-                    "label_size_mismatch", f"label map {(im.height, im.width)}, photo {size} (h, w)"
-                )
+            if (im.height, im.width) not in sizes:
+                raise _size_mismatch((im.height, im.width), sizes)
             im.load()
             return np.asarray(im)  # palette images: the palette indices, as the label values
     except Rejected:
@@ -315,11 +319,18 @@ def _read_image(data: bytes, size: tuple[int, int]) -> np.ndarray:
 
 
 def read_label_map(
-    data: bytes, name: str, variable: str, size: tuple[int, int], lut: np.ndarray
+    data: bytes,
+    name: str,
+    variable: str,
+    size: tuple[int, int],
+    lut: np.ndarray,
+    displayed: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """The label map in `data` (file `name`), checked against the photo's (height, width) and the source
-    names (values 0..len(lut)-1), mapped through `lut`: uint8 target labels."""
-    raw = _read_mat(data, variable, size) if name.lower().endswith(".mat") else _read_image(data, size)
+    """The label map in `data` (file `name`), checked against the photo's stored (height, width), or its
+    `displayed` one when EXIF orientation turns it, and the source names (values 0..len(lut)-1), mapped
+    through `lut`: uint8 target labels. The caller tells by the shape which grid it was drawn on."""
+    sizes = (size,) if displayed in (None, size) else (size, displayed)
+    raw = _read_mat(data, variable, sizes) if name.lower().endswith(".mat") else _read_image(data, sizes)
     if raw.ndim != 2:
         raise Rejected("label_not_single_channel", f"an array of shape {raw.shape}")
     if raw.dtype.kind == "b":

@@ -50,8 +50,19 @@ or PNG stored as-is (the per-sample json says `"format": "PNG"`); anything else 
 is decoded once to prove it is complete: for JPEG a 1/8-scale draft decode, which reads the whole
 entropy-coded stream and so still fails on truncation (benchmarks/shard.md) at ~60% of a full decode.
 Grayscale and CMYK images are kept verbatim (json `"mode"`); loaders decode to RGB. A decoded size
-different from the declared width/height is rejected (`size_mismatch`), or with `--fix-size` the
-decoded size is used and counted (`size_fixed`). No reject line ever holds a file's bytes.
+different from the declared width/height (as stored or as displayed, below) is rejected
+(`size_mismatch`), or with `--fix-size` the decoded size is used and counted (`size_fixed`). No reject
+line ever holds a file's bytes.
+
+Orientation: a photo's EXIF Orientation (a phone's 6 = stored sideways) is kept in the stored bytes and
+applied by every loader (modaseg.images.decode_image: training, evaluation, prediction), so the stored
+label map is always in the displayed orientation (json `"exif_orientation"` when it is not 1). The labels'
+grid is told by their size: COCO's declared width/height, or the label map's shape. Equal to the
+displayed grid only: drawn on the displayed photo, stored as is (`labels_on_displayed_grid`). Equal to
+the stored grid only: drawn on the stored pixels, rasterized there and turned like the photo
+(`labels_on_stored_grid`). When the size cannot tell (flips and 180 degrees keep the size, a square photo
+turned keeps it too, or --fix-size replaced it) the stored grid is assumed, because ModaNet was labelled
+in 2018 in browsers that ignored EXIF; these are counted (`labels_grid_assumed_stored`) and warned about.
 
 Invariants, checked and printed: inputs (images in the file; or photos plus label maps without a photo)
 = samples written + rejected; annotations in the file = used + rejected + dropped by the category map +
@@ -90,6 +101,7 @@ from modaseg.classes import IGNORE_INDEX, LabelSpace
 from modaseg.coco import check_polygon, fit_polygon, is_int, load_coco
 from modaseg.console import InputError, UserError, progress_bar, run_cli
 from modaseg.files import UnsafeFileError, file_fingerprint, read_inside, write_atomic, write_json_atomic
+from modaseg.images import displayed_size, exif_orientation, orient
 from modaseg.labelmaps import (
     DEFAULT_MASK_VARIABLE,
     LabelMapping,
@@ -121,7 +133,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PNG_COMPRESS_LEVEL = 1  # with zlib's RLE strategy the level hardly matters: take the fastest
 # rules that changed what a shard holds for the same inputs: part of the plan id, so --resume redoes
 # shards written under older rules
-LABEL_RULES = ("unknown_category_as_ignore",)
+LABEL_RULES = ("unknown_category_as_ignore", "labels_in_exif_displayed_orientation")
 _TAR_RECORD = 10240
 _COUNT_KEYS = (
     "images_in",
@@ -140,6 +152,13 @@ _COUNT_KEYS = (
     "polygons_far_clipped",
 )
 _PIXEL_COUNT_KEYS = ("images_in", "samples_written", "images_rejected", "files_ignored")
+# printed when a photo carries an EXIF orientation (see "Orientation" in the module docstring)
+_ORIENTATION_KEYS = (
+    "exif_oriented",
+    "labels_on_displayed_grid",
+    "labels_on_stored_grid",
+    "labels_grid_assumed_stored",
+)
 _BYTES_REPR = re.compile(r"b'(?:[^'\\]|\\.)*'" + "|" + r'b"(?:[^"\\]|\\.)*"')  # a bytes literal
 # formats named in a rejection instead of echoing the file's first bytes
 _OTHER_FORMATS = (
@@ -630,8 +649,17 @@ def encode_png(label: np.ndarray) -> bytes:
 class ImageInfo:
     format: str  # "JPEG" | "PNG"
     mode: str
-    width: int
+    width: int  # of the stored pixel grid
     height: int
+    orientation: int = 1  # EXIF: how the stored grid is displayed (modaseg.images.orient)
+
+    @property
+    def stored(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    @property
+    def displayed(self) -> tuple[int, int]:
+        return displayed_size(self.height, self.width, self.orientation)
 
 
 def inspect_image(data: bytes) -> ImageInfo:
@@ -657,7 +685,7 @@ def inspect_image(data: bytes) -> ImageInfo:
         reason = "truncated_image" if "truncated" in str(e) else "corrupt_image"
         message = _BYTES_REPR.sub("<bytes>", str(e))  # PIL quotes e.g. a broken PNG chunk's name
         raise Rejected(reason, f"{type(e).__name__}: {message}") from None
-    return ImageInfo(fmt, mode, width, height)
+    return ImageInfo(fmt, mode, width, height, exif_orientation(data))
 
 
 @dataclass(frozen=True)
@@ -772,6 +800,7 @@ def _sample(
         **meta,
         "width": label.shape[1],
         "height": label.shape[0],
+        **({"exif_orientation": info.orientation} if info.orientation != 1 else {}),
         "format": info.format,
         "mode": info.mode,
         "class_pixels": class_pixels,
@@ -790,8 +819,8 @@ def _convert_pixels(
     data = _read_file(source.images, task.photo)
     info = inspect_image(data)
     raw = _read_file(source.masks, task.label, "label_")
-    size = (info.height, info.width)
-    label = read_label_map(raw, task.label, source.mask_variable, size, source.lut)
+    label = read_label_map(raw, task.label, source.mask_variable, info.stored, source.lut, info.displayed)
+    label = _to_displayed(label, label.shape == info.stored, info, counts)
     meta = {
         "id": task.key,
         "file_name": task.photo,
@@ -822,11 +851,18 @@ def _convert(
     data, where = _read_bytes(task, source)
     info = inspect_image(data)
     width, height = task.width, task.height
-    if (info.width, info.height) != (width, height):
+    sized = (height, width) in (info.stored, info.displayed)
+    if not sized:
         if not source.fix_size:
+            shown = (
+                f" (displayed {info.displayed[1]}x{info.displayed[0]}, EXIF orientation {info.orientation})"
+                if info.displayed != info.stored
+                else ""
+            )
             raise Rejected(
                 "size_mismatch",
-                f"declared {width}x{height}, decoded {info.width}x{info.height} (--fix-size uses decoded)",
+                f"declared {width}x{height}, decoded {info.width}x{info.height}{shown} "
+                "(--fix-size uses decoded)",
             )
         counts["size_fixed"] += 1
         width, height = info.width, info.height
@@ -841,6 +877,7 @@ def _convert(
         raise Rejected("all_annotations_rejected", "an all-background label would be wrong")
 
     label = rasterize(instances + _unknown_regions(task, height, width, counts), height, width)
+    label = _to_displayed(label, (height, width) == info.stored, info, counts, sized)
     meta = {
         "id": task.image_id,
         "file_name": task.file_name,
@@ -849,6 +886,23 @@ def _convert(
     }
     counts["empty_kept"] += not task.annotations
     return _sample(data, info, label, meta, source.num_classes, counts)
+
+
+def _to_displayed(
+    label: np.ndarray, on_stored: bool, info: ImageInfo, counts: Counter, sized: bool = True
+) -> np.ndarray:
+    """The label map in the photo's displayed orientation (the rule under "Orientation" above):
+    turned like the photo when it was drawn on the stored grid, counted by which grid that was. `sized`:
+    the declared size was one of the photo's grids (not replaced by --fix-size), so it can tell."""
+    if info.orientation == 1:
+        return label
+    counts["exif_oriented"] += 1
+    if not on_stored:
+        counts["labels_on_displayed_grid"] += 1
+        return label
+    told = sized and info.displayed != info.stored
+    counts["labels_on_stored_grid" if told else "labels_grid_assumed_stored"] += 1
+    return orient(label, info.orientation)
 
 
 def _unknown_regions(task: ImageTask, height: int, width: int, counts: Counter) -> list[tuple[int, dict]]:
@@ -1296,6 +1350,16 @@ def _print_summary(result: RunResult, opts: ShardOptions) -> None:
     )
     for key in (_PIXEL_COUNT_KEYS if opts.pixel else _COUNT_KEYS)[3:]:
         console.print(f"  {key}: {c[key]}")
+    if c["exif_oriented"]:
+        for key in _ORIENTATION_KEYS:
+            console.print(f"  {key}: {c[key]}")
+    if c["labels_grid_assumed_stored"]:
+        console.print(
+            f"warning: {c['labels_grid_assumed_stored']} photo(s) with an EXIF orientation whose size cannot "
+            "tell which grid the labels were drawn on (a flip, 180 degrees, or a square photo): the stored "
+            "grid was assumed and the labels turned like the photo; check them",
+            markup=False,
+        )
     if result.manifest is not None:
         inputs = "photos + label maps without photo" if opts.pixel else "images in the file"
         console.print(

@@ -11,7 +11,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from modaseg.images import (
     MAX_PIXELS_CEILING,
@@ -19,7 +19,9 @@ from modaseg.images import (
     decode_image,
     decode_mask,
     encode_image,
+    exif_orientation,
     image_size,
+    orient,
     read_image,
 )
 
@@ -29,6 +31,17 @@ def pil_bytes(image: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
     buf = io.BytesIO()
     (Image.fromarray(image).convert(mode) if mode else Image.fromarray(image)).save(
         buf, format=fmt, quality=95
+    )
+    return buf.getvalue()
+
+
+def oriented(image: np.ndarray, fmt: str, orientation: int) -> bytes:
+    """`image` as stored pixels, encoded by PIL with an EXIF Orientation tag (as a phone writes it)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(image).save(
+        buf, format=fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {})
     )
     return buf.getvalue()
 
@@ -58,6 +71,38 @@ def test_decode_image_png_bytes_in_jpg_field():
     assert np.array_equal(out, image[..., :3])
     with pytest.raises(ValueError, match="do not decode"):
         decode_image(b"not an image")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_like_pil(tmp_path, fmt, orientation):
+    """Every stage sees the photo as displayed (a phone's Orientation=6 is stored sideways), and the
+    header size agrees; `orient` turns a label map exactly as PIL's exif_transpose turns the photo."""
+    yy, xx = np.mgrid[0:24, 0:40]  # smooth, so OpenCV's and PIL's JPEG decoders agree within 2 levels
+    image = np.stack([xx * 6, yy * 10, (xx + yy) * 4], -1).astype(np.uint8)
+    data = oriented(image, fmt, orientation)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    out = decode_image(data)
+    assert exif_orientation(data) == orientation
+    assert out.shape == expected.shape == ((40, 24, 3) if orientation >= 5 else (24, 40, 3))
+    assert np.abs(out.astype(int) - expected).max() <= (2 if fmt == "JPEG" else 0)
+    (tmp_path / "photo").write_bytes(data)
+    assert image_size(tmp_path / "photo") == out.shape[:2]
+    assert np.array_equal(read_image(tmp_path / "photo"), out)
+    label = np.arange(24 * 40, dtype=np.uint16).reshape(24, 40) % 251
+    label_png = Image.open(io.BytesIO(oriented(label.astype(np.uint8), "PNG", orientation)))
+    assert np.array_equal(
+        orient(label.astype(np.uint8), orientation), np.asarray(ImageOps.exif_transpose(label_png))
+    )
+
+
+def test_a_broken_or_odd_exif_block_shows_the_photo_as_stored():
+    image = np.full((6, 10, 3), 90, np.uint8)
+    for data in (
+        oriented(image, "JPEG", 9),  # out of range
+        pil_bytes(image, "JPEG").replace(b"\xff\xd8", b"\xff\xd8\xff\xe1\x00\x0aExif\x00\x00II", 1),
+    ):
+        assert exif_orientation(data) == 1 and decode_image(data).shape == (6, 10, 3)
 
 
 def test_decode_mask_single_channel_only():

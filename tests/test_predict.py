@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import on_a_small_disk
-from PIL import Image
+from PIL import Image, ImageOps
 
 from modaseg.classes import MODANET
 from modaseg.config import ModelConfig
@@ -126,6 +126,33 @@ def test_16_bit_pngs_predict_like_their_8_bit_versions(exported, model, tmp_path
         expected = reference_labels(model, rgb)
         assert np.array_equal(read(tmp_path / "out" / f"{name}8.png"), expected)
         assert np.array_equal(read(tmp_path / "out" / f"{name}16.png"), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("orientation", [6, 3, 8])
+def test_an_exif_oriented_photo_is_segmented_upright(exported, tmp_path, orientation):
+    """A phone photo with Orientation=6 is stored sideways: predict segments it as displayed, and its
+    label map and overlay are those of the upright photo (issue 21.7). Displayed pixels: PIL's own
+    exif_transpose, not the decoder under test."""
+    upright = photo(72, 40, 5)  # portrait, not symmetric
+    undo = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+    stored = Image.fromarray(upright).transpose(undo[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(upright).save(inputs / "upright.png")
+    stored.save(inputs / "lossless.png", exif=exif.tobytes())
+    stored.save(inputs / "phone.jpg", quality=95, exif=exif.tobytes())
+    assert np.array_equal(np.asarray(ImageOps.exif_transpose(Image.open(inputs / "lossless.png"))), upright)
+    ImageOps.exif_transpose(Image.open(inputs / "phone.jpg")).save(inputs / "phone_displayed.png")
+    out = tmp_path / "out"
+    assert run(exported, [inputs], out) == 0
+    for suffix in (".png", "_color.png", "_overlay.jpg"):
+        assert (out / f"lossless{suffix}").read_bytes() == (out / f"upright{suffix}").read_bytes(), suffix
+    phone, reference = read(out / "phone.png"), read(out / "phone_displayed.png")
+    assert phone.shape == reference.shape == (72, 40) and (phone == reference).mean() > 0.98
+    assert read(out / "phone_overlay.jpg").shape == read(out / "phone_displayed_overlay.jpg").shape
 
 
 @pytest.mark.slow

@@ -1278,3 +1278,118 @@ def test_a_full_disk_says_what_is_kept(tmp_path, disk_kb):
         assert f"{tars} finished shard(s) are kept: fix it, then rerun with --resume" in err[0]
     else:
         assert "no shard was finished" in err[0] and "--resume" not in err[0]
+
+
+# ------------------------------------------------------------------------------------ EXIF orientation
+
+# PIL's own transposes for EXIF orientations 2..8 (ImageOps.exif_transpose): the oracle, independent of
+# modaseg.images.orient; and the transpose that undoes each.
+EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+UNDO = {o: EXIF_TRANSPOSE[{6: 8, 8: 6}.get(o, o)] for o in EXIF_TRANSPOSE}
+# (EXIF orientation, grid the labels were drawn on) per photo, in sample order; the counts expected
+ORIENTED = [(6, "displayed"), (6, "stored"), (3, "stored"), (5, "displayed"), (8, "stored")]
+ORIENTED_COUNTS = {
+    "exif_oriented": 5,
+    "labels_on_displayed_grid": 2,
+    "labels_on_stored_grid": 2,
+    "labels_grid_assumed_stored": 1,  # a 180-degree turn keeps the size: the stored grid is assumed
+}
+
+
+def turned(array: np.ndarray, transpose: Image.Transpose) -> np.ndarray:
+    return np.asarray(Image.fromarray(array).transpose(transpose))
+
+
+def resave_as_phone(path: Path, orientation: int, labels_on: str) -> np.ndarray:
+    """Re-save the photo at `path` as a JPEG with EXIF `orientation`. Labels drawn on the displayed
+    photo: the stored pixels become the photo turned back, so it displays as before. Labels drawn on the
+    stored pixels (ModaNet 2018): the pixels stay, and now display turned. Returns the upright pixels."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    stored = turned(pixels, UNDO[orientation]) if labels_on == "displayed" else pixels
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, "JPEG", quality=95, exif=exif.tobytes())
+    return pixels if labels_on == "displayed" else turned(pixels, EXIF_TRANSPOSE[orientation])
+
+
+def assert_upright(jpg: bytes, upright: np.ndarray, name: object) -> None:
+    """The photo as every loader decodes it from the shard is the upright one (JPEG re-encoding aside)."""
+    from modaseg.images import decode_image
+
+    got = decode_image(jpg)
+    assert got.shape == upright.shape, name
+    assert np.abs(got.astype(int) - upright).mean() < 3, name
+
+
+def test_exif_oriented_photos_get_labels_in_their_displayed_orientation(tmp_path, capsys):
+    """A phone photo with Orientation=6 was stored sideways and labelled sideways, silently (issue 21.7):
+    the stored label map is pycocotools' rasterization on the grid the declared size names, turned like
+    the photo when that is the stored grid, and the photo decoded from the shard is upright."""
+    from modaseg import synth
+
+    data = tmp_path / "data"
+    synth.generate(data, 8, seed=3, width=W, height=H, progress=False)
+    coco = json.loads((data / "annotations.json").read_text())
+    upright = {}
+    for image, (orientation, labels_on) in zip(coco["images"], ORIENTED, strict=False):
+        upright[image["id"]] = resave_as_phone(data / "images" / image["file_name"], orientation, labels_on)
+    out = tmp_path / "out"
+    assert sh.main(coco_args(tmp_path, coco, data / "images", out)) == 0
+    assert "warning: 1 photo(s) with an EXIF orientation" in capsys.readouterr().err
+    manifest, samples = read_manifest(out), read_samples(out)
+    assert manifest.rejects == {} and len(samples) == 8
+    assert {k: manifest.counts[k] for k in ORIENTED_COUNTS} == ORIENTED_COUNTS
+    assert_invariants(manifest, out)
+    ref = COCO()
+    ref.dataset = coco
+    ref.createIndex()
+    for i, image in enumerate(coco["images"]):
+        s, expected = samples[image["id"]], reference_mask(image["id"], ref)
+        if i < len(ORIENTED):
+            orientation, labels_on = ORIENTED[i]
+            if labels_on == "stored":
+                expected = turned(expected, EXIF_TRANSPOSE[orientation])
+            assert s["meta"]["exif_orientation"] == orientation
+            assert_upright(s["jpg"], upright[image["id"]], image["id"])
+        np.testing.assert_array_equal(s["mask"], expected, err_msg=f"image {image['id']}")
+        assert (s["meta"]["height"], s["meta"]["width"]) == expected.shape
+        assert s["jpg"] == (data / "images" / image["file_name"]).read_bytes(), "stored verbatim"
+
+
+def test_exif_oriented_photos_of_a_label_map_dataset(tmp_path):
+    """The same rule for pixel label maps: the label map's shape names its grid."""
+    ds = pixel_dataset(tmp_path / "data", n=6)
+    upright = {}
+    for i, (orientation, labels_on) in enumerate(ORIENTED):
+        upright[f"{i:04d}"] = resave_as_phone(ds["images"] / f"{i:04d}.jpg", orientation, labels_on)
+    manifest, out, samples = run_pixels(ds, tmp_path / "out")
+    assert manifest.rejects == {} and len(samples) == 6
+    assert {k: manifest.counts[k] for k in ORIENTED_COUNTS} == ORIENTED_COUNTS
+    assert_invariants(manifest, out)
+    for i in range(6):
+        key = f"{i:04d}"
+        expected = expected_label(ds["masks"] / f"{key}.mat", PIXEL_NAMES, PIXEL_MAP)
+        if i < len(ORIENTED):
+            orientation, labels_on = ORIENTED[i]
+            if labels_on == "stored":
+                expected = turned(expected, EXIF_TRANSPOSE[orientation])
+            assert_upright(samples[key]["jpg"], upright[key], key)
+        np.testing.assert_array_equal(samples[key]["mask"], expected, err_msg=key)
+
+
+def test_an_oriented_photo_of_neither_grid_names_both(tmp_path):
+    coco, images_dir = small_dataset(tmp_path)
+    coco["images"][1]["width"] = W + 6
+    resave_as_phone(images_dir / "0000104.jpg", 6, "stored")
+    manifest, out, _ = run(tmp_path, coco, images_dir)
+    assert manifest.rejects == {"image/size_mismatch": 1}
+    (line,) = [json.loads(x) for x in (out / sh.REJECTS_NAME).read_text().splitlines()]
+    assert f"decoded {W}x{H} (displayed {H}x{W}, EXIF orientation 6)" in line["detail"]
