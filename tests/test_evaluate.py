@@ -21,6 +21,16 @@ from modaseg.manifest import read_manifest
 from modaseg.model import IMAGENET, build_model, export_model, pad_to_stride, preprocess
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """modaseg-eval's main() makes an Accelerator with the precision asked for; within one test process the
+    previous test's state would refuse another precision (the CLI makes one per process)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+
+
 @pytest.fixture(scope="module")
 def exported(shard_dir, tmp_path_factory):
     """An untrained but deterministic model: evaluation logic does not need a good one."""
@@ -77,6 +87,8 @@ def test_eval_matches_a_direct_computation_and_writes_reports(exported, shard_di
                 str(out),
                 "--workers",
                 "0",
+                "--mixed-precision",
+                "no",  # the reference is computed in fp32; auto is bf16 on a CPU with AVX512_BF16
             ]
         )
         == 0
@@ -124,6 +136,7 @@ def test_tta_flip_and_compare(exported, shard_dir, tmp_path, capsys):
     """--tta-flip gives the mirrored-average matrix computed by hand; --compare prints the differences."""
     out, tta = tmp_path / "eval", tmp_path / "tta"
     args = ["--checkpoint", str(exported), "--shards", str(shard_dir), "--split", "test", "--workers", "0"]
+    args += ["--mixed-precision", "no"]  # the hand-computed reference is fp32; auto is bf16 where native
     assert eval_main([*args, "--out", str(out)]) == 0
     capsys.readouterr()
     assert eval_main([*args, "--tta-flip", "--out", str(tta), "--compare", str(out / "metrics.json")]) == 0

@@ -549,7 +549,7 @@ for device in ("cpu", "cuda"):
     x = logits.to(device).requires_grad_()
     loss = CompositeLoss(cfg, 14, weights).to(device)
     t = target.to(device)
-    loss(x, t)  # warm-up: first calls may allocate and sync
+    loss(x, t)[0].backward()  # warm-up: the first forward and backward allocate, and may sync
     x.grad = None
     if device == "cuda":
         torch.cuda.synchronize()

@@ -238,19 +238,34 @@ def test_normalization_tensors_are_built_once_per_device():
     (preprocess(images, INCEPTION) * weight).sum().backward()
 
 
+PREPROCESS_SCRIPT = """
+import torch
+from modaseg.model import IMAGENET, preprocess
+images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8).cuda()
+preprocess(images, IMAGENET)
+torch.cuda.synchronize()
+torch.cuda.set_sync_debug_mode("error")
+preprocess(images, IMAGENET)
+torch.cuda.set_sync_debug_mode(0)
+print("ok")
+"""
+
+
 @pytest.mark.gpu
 def test_preprocess_on_a_gpu_does_not_synchronise():
     """After the first batch, preprocess of a uint8 batch already on the GPU makes no synchronising call
-    (torch.cuda.set_sync_debug_mode raises on one)."""
-    from conftest import require_gpus
+    (torch.cuda.set_sync_debug_mode raises on one). In a child process: this one hides the GPUs."""
+    import subprocess
+    import sys
 
-    from modaseg.model import IMAGENET, preprocess
+    from conftest import ROOT, gpu_env, require_gpus
 
     require_gpus(1)
-    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8).cuda()
-    preprocess(images, IMAGENET)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        preprocess(images, IMAGENET)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    result = subprocess.run(
+        [sys.executable, "-c", PREPROCESS_SCRIPT],
+        env=gpu_env(PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

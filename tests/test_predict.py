@@ -66,7 +66,10 @@ def read(path) -> np.ndarray:
 
 
 def run(exported, inputs, out, *extra: str) -> int:
-    return main(["--checkpoint", str(exported), *map(str, inputs), "--out", str(out), *extra])
+    """modaseg-predict in fp32 unless a test asks for a precision: the references are computed in fp32, and
+    `auto` is bf16 on a CPU with AVX512_BF16."""
+    precision = [] if "--mixed-precision" in extra else ["--mixed-precision", "no"]
+    return main(["--checkpoint", str(exported), *map(str, inputs), "--out", str(out), *precision, *extra])
 
 
 @pytest.mark.slow
