@@ -75,7 +75,8 @@ class TrainerState:
     history: list[dict] = field(default_factory=list)  # validation results per epoch
     pending_validation: bool = False  # saved at an epoch end, its validation not done yet
     planned_epochs: int = 0  # train.max_minutes: the epochs that fit the time; 0 = train.epochs decides
-    epochs_measured: bool = False  # planned_epochs comes from the measured first epoch, not the estimate
+    budget_stage: int = 0  # train.max_minutes: 0 estimated, 1 first epoch measured, 2 validation measured
+    spent_seconds: float = 0.0  # training and validation time so far (train.max_minutes)
     # The layout the batch positions refer to: resuming with another one would shift the data stream.
     num_batches: int = 0  # batches per epoch per process
     world_size: int = 0

@@ -59,9 +59,16 @@ def train(cfg: Config) -> int:
         while state.epoch < total_epochs(cfg, state):
             epoch, first_batch, started = state.epoch, state.batch, time.perf_counter()
             train_one_epoch(run, state, epoch, meter)
-            if cfg.train.max_minutes and not state.epochs_measured:
-                fit_epochs_to_budget(run, state, time.perf_counter() - started, first_batch)
+            trained = time.perf_counter()
+            if cfg.train.max_minutes and state.budget_stage == 0:  # a resumed epoch scaled to a whole one
+                epoch_s = (trained - started) * run.plan.num_batches / (run.plan.num_batches - first_batch)
+                fit_epochs_to_budget(run, state, epoch_s, None, state.spent_seconds + trained - started)
+            validations = len(state.history)
             save_and_validate(run, state, epoch)
+            state.spent_seconds += time.perf_counter() - started
+            if cfg.train.max_minutes and state.budget_stage == 1 and len(state.history) > validations:
+                validation_s = time.perf_counter() - trained
+                fit_epochs_to_budget(run, state, trained - started, validation_s, state.spent_seconds)
         return finish(run, state, meter)
     except Preempted:
         log.warning("checkpoint saved; exiting with code %d so the job can be requeued", EXIT_REQUEUE)
@@ -75,44 +82,48 @@ def total_epochs(cfg: Config, state: TrainerState) -> int:
     return state.planned_epochs or cfg.train.epochs
 
 
-def fit_epochs_to_budget(run: Run, state: TrainerState, seconds: float | None, first_batch: int = 0) -> None:
-    """train.max_minutes: the epochs that fit the time. At the start from the plan's timed step (or
-    train.epochs when there is none), after the first epoch from its measured time, for good; a validation
-    is estimated at half a training step per image (twice that with flip TTA). Rank 0 decides for every
-    rank. The learning-rate schedule is sized to the result from then on."""
+def fit_epochs_to_budget(
+    run: Run, state: TrainerState, epoch_s: float | None, validation_s: float | None, spent_s: float
+) -> None:
+    """train.max_minutes: the epochs that fit the time, decided three times, each from better figures: at
+    the start from the plan's timed step (train.epochs if it has none), after the first epoch from its
+    time, after the first validation from the last epoch's time and the validation's (final). Until one
+    is measured, a validation is estimated at half a training step per image (twice with flip TTA).
+    Rank 0 decides for every rank; the learning-rate schedule follows the planned epochs."""
     cfg, plan = run.cfg, run.plan
     trained_per_epoch = plan.num_batches * cfg.data.batch_size * plan.processes
-    if seconds is None:
-        rate = plan.expected_images_per_s
-        epoch_s, how = (trained_per_epoch / rate, "estimated from the plan's timed step") if rate else (0, "")
-    else:  # a resumed first epoch is scaled up to a whole one
-        epoch_s = seconds * plan.num_batches / max(1, plan.num_batches - first_batch)
-        how = "measured"
+    stage = state.budget_stage
+    if epoch_s is None and plan.expected_images_per_s:
+        epoch_s = trained_per_epoch / plan.expected_images_per_s
     num_val = run.manifest.splits["val"].num_samples
-    validation_s = 0.5 * epoch_s / trained_per_epoch * num_val * (2 if cfg.eval.tta_flip else 1)
-    done = state.epoch + (seconds is not None)
+    if validation_s is None and epoch_s:
+        validation_s = 0.5 * epoch_s / trained_per_epoch * num_val * (2 if cfg.eval.tta_flip else 1)
+    done = state.epoch + (stage == 0 and spent_s > 0)  # after the first epoch, before its checkpoint
     epochs = cfg.train.epochs
-    if epoch_s > 0:
+    if epoch_s:
+        done_validations = sum(1 for h in state.history if h["epoch"] > 0)
         epochs = epochs_for_budget(
             cfg.train.max_minutes * 60,
-            spent_s=epoch_s * done,
+            spent_s=spent_s,
             epoch_s=epoch_s,
-            validation_s=validation_s,
+            validation_s=validation_s if num_val else 0.0,
             val_every=cfg.train.val_every,
             done_epochs=done,
-            done_validations=0,
+            done_validations=done_validations,
             most=cfg.train.epochs,
         )
     state.planned_epochs = broadcast_from_main(run.accelerator, epochs)
-    state.epochs_measured = seconds is not None
+    state.budget_stage = stage + 1 if spent_s > 0 else 0
     run.set_total_epochs(state.planned_epochs)
+    how = ("estimated from the plan's timed step", "first epoch measured", "epoch and validation measured")
     log.info(
-        "train.max_minutes=%g: an epoch takes %.0f s (%s), a validation about %.0f s: %d epochs (%d updates), "
-        "at most train.epochs=%d",
+        "train.max_minutes=%g (%s; %.0f s spent): an epoch takes %.0f s, a validation %.0f s: %d epochs "
+        "(%d updates), at most train.epochs=%d",
         cfg.train.max_minutes,
-        epoch_s,
-        how or "not measured",
-        validation_s,
+        how[min(stage + (spent_s > 0), 2)],
+        spent_s,
+        epoch_s or math.nan,
+        validation_s or math.nan,
         state.planned_epochs,
         total_updates(run, state),
         cfg.train.epochs,
@@ -139,7 +150,7 @@ def resume_or_start(run: Run) -> TrainerState:
     )
     state = state or TrainerState(seed=cfg.train.seed, **layout)
     if cfg.train.max_minutes and not state.planned_epochs:
-        fit_epochs_to_budget(run, state, None)  # an estimate until the first epoch is measured
+        fit_epochs_to_budget(run, state, None, None, 0.0)  # an estimate until the first epoch is measured
     run.open_run_folder(state, total_epochs(cfg, state))
     nan_batches = InjectNaN.batches_from_env()  # fault injection, wired once
     if nan_batches and acc.is_main_process:
