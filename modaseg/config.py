@@ -24,6 +24,8 @@ import yaml
 from modaseg.console import UserError
 from modaseg.files import read_yaml, strict_yaml
 
+STRIDE = 32  # a 5-stage encoder halves the resolution 5 times: crops and padded images are multiples of it
+
 
 class ConfigError(UserError, ValueError):
     """A config key is unknown, has the wrong type, or an override is malformed."""
@@ -344,7 +346,7 @@ def validate(cfg: Config) -> None:
     check_shard_list(cfg.data.shards)
     d = cfg.data
     for key, size in (("data.crop_height", d.crop_height), ("data.crop_width", d.crop_width)):
-        if size <= 0 or size % 32:
+        if size <= 0 or size % STRIDE:
             raise ConfigError(f"{key}: {size} must be a positive multiple of 32 (the U-Net downsamples 5x)")
     if cfg.augment.scale_min > cfg.augment.scale_max:
         raise ConfigError("augment.scale_min/scale_max: need 0 < scale_min <= scale_max")

@@ -89,8 +89,9 @@ def progress_bar(enabled: bool, *fields: str):
     )
 
 
-def setup_logging(main_process: bool, rank: int = 0, log_file: str | os.PathLike | None = None) -> None:
-    """Main process: rich on a terminal, plain lines otherwise (SLURM output files), plus `log_file`.
+def setup_logging(main_process: bool, rank: int = 0) -> None:
+    """Main process: rich on a terminal, plain lines otherwise (SLURM output files; train.log is added by
+    monitor.DeferredLogFile once the run folder may be written).
     Other ranks: warnings only, tagged with their rank."""
     handlers: list[logging.Handler] = []
     plain = logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(message)s", "%H:%M:%S")
@@ -100,9 +101,6 @@ def setup_logging(main_process: bool, rank: int = 0, log_file: str | os.PathLike
         handlers.append(RichHandler(show_path=False))
     else:
         handlers.append(logging.StreamHandler(sys.stderr))
-        handlers[-1].setFormatter(plain)
-    if main_process and log_file is not None:
-        handlers.append(logging.FileHandler(log_file))
         handlers[-1].setFormatter(plain)
     logging.basicConfig(
         level=logging.INFO if main_process else logging.WARNING, handlers=handlers, force=True

@@ -54,7 +54,7 @@ from webdataset.tariterators import base_plus_ext
 
 from modaseg.augment import seed_transform, train_transform
 from modaseg.classes import IGNORE_INDEX
-from modaseg.config import AugmentConfig, DataConfig
+from modaseg.config import STRIDE, AugmentConfig, DataConfig
 from modaseg.console import UserError
 from modaseg.hardware import plan_workers
 from modaseg.images import decode_image, decode_mask
@@ -63,7 +63,6 @@ from modaseg.manifest import Manifest, ManifestError, check_shards
 log = logging.getLogger(__name__)
 
 FIELDS = ("jpg", "png", "json")  # what modaseg-shard writes per sample; nothing else is read
-PAD_MULTIPLE = 32  # the U-Net downsamples 5 times
 
 ErrorFn = Callable[..., None]
 
@@ -486,7 +485,7 @@ def collate(
     for i, (x, m) in enumerate(zip(images, masks, strict=True)):
         h, w = m.shape
         img_np[i, :h, :w] = x
-        mask_np[i, :h, :w] = m  # uint8 -> int64 in the same pass
+        mask_np[i, :h, :w] = m  # uint8 -> mask_dtype in the same pass
         if (h, w) != (height, width):
             img_np[i, h:], img_np[i, :h, w:] = 0, 0
             mask_np[i, h:], mask_np[i, :h, w:] = IGNORE_INDEX, IGNORE_INDEX
@@ -496,7 +495,7 @@ def collate(
 def train_batches(
     samples: Iterable[dict], batch_size: int, skips: SkipCounter, mask_dtype: torch.dtype = torch.int64
 ) -> Iterator[dict]:
-    """Full batches only: {"image" uint8 [B,3,H,W], "mask" int64 [B,H,W], "key", "skipped"}."""
+    """Full batches only: {"image" uint8 [B,3,H,W], "mask" [B,H,W] of `mask_dtype`, "key", "skipped"}."""
     batch: list[dict] = []
     for sample in samples:
         batch.append(sample)
@@ -507,9 +506,7 @@ def train_batches(
             batch = []
 
 
-def pad_batch(
-    samples: Sequence[dict], multiple: int = PAD_MULTIPLE, mask_dtype: torch.dtype = torch.int64
-) -> dict:
+def pad_batch(samples: Sequence[dict], multiple: int = STRIDE, mask_dtype: torch.dtype = torch.int64) -> dict:
     """Pad every image to the batch's largest size, rounded up to `multiple`: image with 0, mask with
     the ignore label (so padding never counts in a metric). "size" is what to crop predictions back to."""
     sizes = [tuple(s["mask"].shape) for s in samples]

@@ -28,11 +28,6 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal is not None
 
-    def restore(self) -> None:
-        """Give the signals back their handlers from before (console.run_cli then keeps a decided exit code)."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
 
 def bare_model(accelerator: Accelerator | None, model: torch.nn.Module) -> torch.nn.Module:
     """The module without DDP and torch.compile wrappers, in whichever order they were put on: its state

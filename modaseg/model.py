@@ -26,10 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modaseg.config import ConfigError, ModelConfig
+from modaseg.config import STRIDE, ConfigError, ModelConfig
 from modaseg.console import UserError
-
-STRIDE = 32  # a 5-stage encoder halves the resolution 5 times
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class LogMeter:
     images_seen: int = 0
 
     def restart(self) -> None:
-        """Start a window now, e.g. after a validation (not training time)."""
+        """Start a window now: after a window is reported, at an epoch's end, after a validation."""
         self.start, self.data_wait, self.images = time.perf_counter(), 0.0, 0
         self.loss_sums, self.finite_batches = [], 0
 

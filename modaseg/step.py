@@ -117,10 +117,6 @@ class StepSync:
     def reduce(cls, accelerator: Accelerator, local: LossSums, stop: bool, skipped: int) -> StepSync:
         return cls.unpack(accelerator.reduce(cls.pack(local, stop, skipped), "sum"))
 
-    def mean_losses(self) -> list[float]:
-        n = self.finite_batches
-        return [v / n for v in self.loss_sums] if n else [math.nan] * len(self.loss_sums)
-
 
 def train_batch(
     accelerator: Accelerator,

@@ -65,6 +65,7 @@ def train(cfg: Config) -> int:
                 fit_epochs_to_budget(run, state, epoch_s, None, state.spent_seconds + trained - started)
             validations = len(state.history)
             save_and_validate(run, state, epoch)
+            meter.restart()  # the checkpoint and the validation are not training time
             state.spent_seconds += time.perf_counter() - started
             if cfg.train.max_minutes and state.budget_stage == 1 and len(state.history) > validations:
                 validation_s = time.perf_counter() - trained

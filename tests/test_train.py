@@ -808,3 +808,51 @@ def test_a_config_file_not_utf8_or_with_a_key_twice_is_one_line(tmp_path, capsys
     assert main(["--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert err == f"modaseg-train: error: {config}: {message}\n"
+
+
+@MULTI
+def test_weight_average_is_what_is_exported_and_a_resume_continues_it_bit_for_bit(shard_dir, tmp_path):
+    """train.ema_decay: final/ holds the average (not the training weights of the last checkpoint), and a
+    run resumed from the end of epoch 1 ends with exactly the uninterrupted run's average."""
+    import shutil
+
+    average = ["train.ema_decay=0.9"]
+    first = tmp_path / "first"
+    assert_ok(run_training(first, shard_dir, *average))
+    epoch_ends = [p for p in list_checkpoints(first) if read_state(p).batch == 0]
+    assert [read_state(p).epoch for p in epoch_ends] == [1, 2]
+    assert all((p / "ema.safetensors").is_file() for p in epoch_ends)
+    trained = load_file(str(epoch_ends[1] / "model.safetensors"))
+    exported = weights(first)
+    assert not all(torch.equal(exported[k], trained[k]) for k in trained), "final/ is not the average"
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(epoch_ends[0], resumed / "checkpoints" / epoch_ends[0].name)
+    assert_ok(run_training(resumed, shard_dir, *average))
+    assert "resumed from" in (resumed / "train.log").read_text()
+    again = weights(resumed)
+    assert all(torch.equal(again[k], exported[k]) for k in exported)
+
+
+def test_max_minutes_sizes_the_epochs_and_the_schedule_ends_with_them(shard_dir, tmp_path):
+    """train.max_minutes: three decisions in the log (estimate, first epoch, first validation), the run
+    trains the planned epochs (kept in the checkpoint) and its learning rate has decayed to the end."""
+    run_dir = tmp_path / "run"
+    budget = ["train.max_minutes=0.5", "train.epochs=60", "train.val_every=2", "optim.warmup_steps=0"]
+    result = run_training_cli(run_dir, shard_dir, *budget)
+    assert_ok(result)
+    text = (run_dir / "train.log").read_text()
+    decisions = re.findall(r"train\.max_minutes=0\.5 \(([^;]+);.*: (\d+) epochs", text)
+    assert [how for how, _ in decisions] == [
+        "estimated from the plan's timed step",
+        "first epoch measured",
+        "epoch and validation measured",
+    ], text[-3000:]
+    planned = int(decisions[-1][1])
+    state = read_state(list_checkpoints(run_dir)[-1])
+    assert state.planned_epochs == planned and state.budget_stage == 2 and state.epoch == planned
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == planned < 60
+    rates = [float(x) for x in re.findall(r" lr ([0-9.e+-]+) ", text)]
+    assert rates[-1] < 0.2 * max(rates), "the schedule did not run to its end"
