@@ -18,7 +18,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from rich.table import Table
 from torch import Tensor
 
 from modaseg.classes import IGNORE_INDEX
+from modaseg.files import json_safe, write_atomic, write_json_atomic
 
 METRICS = ("precision", "recall", "f1", "iou")
 FOOTNOTE = (
@@ -123,7 +123,7 @@ class Report:
 
     def to_dict(self) -> dict:
         """JSON-ready: NaN becomes null."""
-        return _nan_to_none(asdict(self))
+        return json_safe(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict) -> Report:
@@ -135,16 +135,6 @@ class Report:
         if unknown:
             raise ValueError(f"metrics report has unknown keys {sorted(unknown)}")
         return cls(**_none_to_nan(data))
-
-
-def _nan_to_none(x):
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_nan_to_none(v) for v in x]
-    return x
 
 
 def _none_to_nan(x):
@@ -281,12 +271,6 @@ def to_csv(report: Report) -> str:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_report(
     report: Report, out_dir: str | Path, stem: str = "metrics", title: str = "Segmentation metrics"
 ) -> dict[str, Path]:
@@ -296,9 +280,9 @@ def save_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "md": out / f"{stem}.md"}
-    _write_atomic(paths["json"], json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
-    _write_atomic(paths["csv"], to_csv(report))
-    _write_atomic(paths["md"], to_markdown(report, title))
+    write_json_atomic(paths["json"], report.to_dict(), indent=2)
+    write_atomic(paths["csv"], to_csv(report))
+    write_atomic(paths["md"], to_markdown(report, title))
     return paths
 
 
