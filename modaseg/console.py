@@ -89,12 +89,17 @@ def progress_bar(enabled: bool, *fields: str):
     )
 
 
+def plain_formatter(rank: int = 0) -> logging.Formatter:
+    """The plain log line of every non-terminal handler (SLURM output files, train.log)."""
+    return logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(message)s", "%H:%M:%S")
+
+
 def setup_logging(main_process: bool, rank: int = 0) -> None:
     """Main process: rich on a terminal, plain lines otherwise (SLURM output files; train.log is added by
     monitor.DeferredLogFile once the run folder may be written).
     Other ranks: warnings only, tagged with their rank."""
     handlers: list[logging.Handler] = []
-    plain = logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(message)s", "%H:%M:%S")
+    plain = plain_formatter(rank)
     if main_process and sys.stderr.isatty():
         from rich.logging import RichHandler
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modaseg.console import plain_formatter
 from modaseg.step import StepSync, UpdateResult
 
 log = logging.getLogger("modaseg")
@@ -159,9 +160,7 @@ class DeferredLogFile:
     def open(self, path: Path) -> None:
         """Append the waiting records to `path` and every later one (the format of console.setup_logging)."""
         self.file = logging.FileHandler(path)
-        self.file.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s [rank 0] %(message)s", "%H:%M:%S")
-        )
+        self.file.setFormatter(plain_formatter(0))
         self.buffer.setTarget(self.file)
         self.buffer.flush()
         self.buffer.setTarget(None)
