@@ -59,3 +59,63 @@ def test_non_finite_statistics_on_one_rank_stop_every_rank_with_the_same_reason(
     assert said[0] is not None and said[0] == said[1], said
     assert said[0].startswith("1.running_var became non-finite on rank 1 (1 of 2 ranks) at epoch 0 batch 3/4")
     assert "\n" not in said[0]
+
+
+def test_loss_sums_leave_non_finite_batches_out_and_count_them():
+    import torch
+
+    from modaseg.step import LossSums
+
+    sums = LossSums(["focal", "dice"], torch.device("cpu"))
+    sums.add(torch.tensor(3.0), {"focal": torch.tensor(1.0), "dice": torch.tensor(2.0)})
+    sums.add(torch.tensor(float("nan")), {"focal": torch.tensor(1.0), "dice": torch.tensor(2.0)})
+    sums.add(torch.tensor(5.0), {"focal": torch.tensor(float("inf")), "dice": torch.tensor(2.0)})
+    sums.add(torch.tensor(1.0), {"focal": torch.tensor(0.5), "dice": torch.tensor(0.5)})
+    assert sums.sums.tolist() == [4.0, 1.5, 2.5]
+    assert int(sums.finite) == 2 and int(sums.nonfinite) == 2
+
+
+@pytest.mark.parametrize(("stop", "skipped"), [(False, 0), (True, 3)])
+def test_pack_then_unpack_of_one_rank_is_what_went_in(stop, skipped):
+    import torch
+
+    from modaseg.step import LossSums, StepSync
+
+    sums = LossSums(["dice"], torch.device("cpu"))
+    sums.add(torch.tensor(2.0), {"dice": torch.tensor(0.25)})
+    sums.add(torch.tensor(float("nan")), {"dice": torch.tensor(0.25)})
+    got = StepSync.unpack(StepSync.pack(sums, stop, skipped))
+    assert got == StepSync(
+        nonfinite_ranks=1, stop=stop, skipped_samples=skipped, finite_batches=1, loss_sums=[2.0, 0.25]
+    )
+
+
+def test_summed_packs_of_two_ranks_unpack_to_the_agreement():
+    """What the one all-reduce (a sum) of two ranks' packs means: ranks with a NaN, any stop, totals."""
+    import torch
+
+    from modaseg.step import LossSums, StepSync
+
+    a, b = LossSums([], torch.device("cpu")), LossSums([], torch.device("cpu"))
+    a.add(torch.tensor(1.0), {})
+    a.add(torch.tensor(float("nan")), {})
+    b.add(torch.tensor(3.0), {})
+    got = StepSync.unpack(StepSync.pack(a, False, 1) + StepSync.pack(b, True, 2))
+    assert (got.nonfinite_ranks, got.stop, got.skipped_samples, got.finite_batches) == (1, True, 3, 2)
+    assert got.loss_sums == [4.0]
+
+
+def test_inject_nan_poisons_exactly_the_listed_batches_across_micro_steps():
+    import math
+
+    import torch
+
+    from modaseg.step import InjectNaN
+
+    def loss_fn(logits, target):
+        return logits.sum(), {}
+
+    injected = InjectNaN(loss_fn, batches={1, 3}, micro_steps=2, first_batch=1)
+    x = torch.ones(1)
+    poisoned = [math.isnan(float(injected(x, x)[0])) for _ in range(6)]  # batches 1, 1, 2, 2, 3, 3
+    assert poisoned == [True, True, False, False, True, True]
