@@ -200,7 +200,7 @@ def test_bf16_autocast_agrees_with_fp32(exported, model, tmp_path, caplog):
     assert (read(tmp_path / "out" / "p.png") == reference_labels(model, image)).mean() > 0.9
     caplog.clear()
     with caplog.at_level(logging.INFO, "modaseg"):
-        assert run(exported, [tmp_path / "p.png"], tmp_path / "auto") == 0
+        assert run(exported, [tmp_path / "p.png"], tmp_path / "auto", "--mixed-precision", "auto") == 0
     assert f"in {resolve_precision('auto', torch.device('cpu')).label}" in caplog.text
 
 
